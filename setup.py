@@ -22,9 +22,9 @@ def extension():
     if want_cuda():
         return CUDAExtension(
             "bv_blend_ext._C",
-            cpp_sources + sorted(glob.glob("csrc/*.cu")),
+            cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("BV_BLEND_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
         )
     return CppExtension("bv_blend_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
 

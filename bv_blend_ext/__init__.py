@@ -1,0 +1,13 @@
+"""BV-Blend advantage estimation as fused PyTorch ops (torch.ops.bv_blend.*).
+
+Depends on torch only; the trainer and the TRL integration live in the `bv_blend` package.
+"""
+
+from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.bv_blend)
+from . import _registrations  # noqa: F401
+from . import reference
+from .functional import blend_advantages
+from .module import BVBlend
+from .reference import SCALE_MODES, BlendOutput
+
+__all__ = ["BVBlend", "BlendOutput", "SCALE_MODES", "blend_advantages", "reference"]

@@ -1,0 +1,124 @@
+// Per-group BV-Blend math: the single source of truth shared by the CPU and CUDA kernels.
+// Everything here works on already-reduced group moments, so each device only has to supply its
+// own (deterministic) reductions.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define BVB_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define BVB_HOST_DEVICE inline
+#endif
+
+namespace bv_blend {
+
+// Statistics accumulate in float32, or float64 for float64 rewards.
+template <typename scalar_t>
+using accumulate_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+enum class ScaleMode : int { Group = 0, Blend = 1, Batch = 2, None = 3 };
+
+// Group boundaries, clamped to [0, num_rewards] so that offsets which skipped validation can
+// never make a kernel read or write out of bounds (a decreasing pair is an empty group).
+BVB_HOST_DEVICE void group_bounds(const int64_t* offsets, int64_t group_size, int64_t group,
+                                  int64_t num_rewards, int64_t& start, int64_t& end) {
+  if (offsets != nullptr) {
+    int64_t lo = offsets[group], hi = offsets[group + 1];
+    start = lo < 0 ? 0 : (lo > num_rewards ? num_rewards : lo);
+    end = hi < start ? start : (hi > num_rewards ? num_rewards : hi);
+  } else {
+    start = group * group_size;
+    end = start + group_size;
+  }
+}
+
+template <typename acc_t>
+struct GroupBlend {
+  int64_t count;   // valid (non-NaN) rewards
+  acc_t mean;      // μ_g
+  acc_t var;       // σ_g², unbiased; 0 below two valid rewards
+  acc_t beta;      // σ_u² / (σ_u² + σ_g²), 0 when both vanish
+  acc_t baseline;  // B_g = (1 - β)·μ_g + β·H
+  acc_t scale;     // s_g of the chosen scale mode
+};
+
+// From a group's count, mean and sum of squared deviations to its baseline and scale.
+// `batch_scale` is only read in ScaleMode::Batch. A group without valid rewards is not blended:
+// callers write NaN statistics and zero advantages for it.
+template <typename acc_t>
+BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t sq_dev,
+                                              acc_t hist_mean, acc_t hist_var, acc_t eps,
+                                              ScaleMode mode, acc_t batch_scale) {
+  GroupBlend<acc_t> g;
+  g.count = count;
+  g.mean = mean;
+  g.var = count >= 2 ? sq_dev / acc_t(count - 1) : acc_t(0);
+  const acc_t total = hist_var + g.var;
+  g.beta = total > acc_t(0) ? hist_var / total : acc_t(0);
+  g.baseline = (acc_t(1) - g.beta) * mean + g.beta * hist_mean;
+  switch (mode) {
+    case ScaleMode::Group:
+      g.scale = std::sqrt(g.var) + eps;
+      break;
+    case ScaleMode::Blend:
+      g.scale = std::sqrt((acc_t(1) - g.beta) * g.var + g.beta * hist_var) + eps;
+      break;
+    case ScaleMode::Batch:
+      g.scale = batch_scale;
+      break;
+    default:
+      g.scale = acc_t(1);
+  }
+  return g;
+}
+
+// Gradient of the loss w.r.t. one valid reward of a group is
+//   self * g_j + shift + deviation * (r_j - μ_g)
+// (plus, in batch mode, a term through the batch std that the caller adds). Derivation: with
+// A_i = (r_i - B)/s, B = μ + β(H - μ), β = u/(u + σ²) and s = s(σ²), and dσ²/dr_j = 2(r_j-μ)/(n-1):
+//   dL/dr_j = g_j/s - Σg·(1-β)/(n s) - [Σg·(H-μ)·β'/s + Σg(r-B)·s'/s²] · 2(r_j-μ)/(n-1)
+// where β' = dβ/dσ² and s' = ds/dσ². The history statistics are constants.
+template <typename acc_t>
+struct GroupGradient {
+  acc_t self;
+  acc_t shift;
+  acc_t deviation;
+};
+
+template <typename acc_t>
+BVB_HOST_DEVICE GroupGradient<acc_t> group_gradient(const GroupBlend<acc_t>& g, acc_t hist_mean,
+                                                    acc_t hist_var, ScaleMode mode, acc_t sum_grad,
+                                                    acc_t sum_grad_centered) {
+  GroupGradient<acc_t> out;
+  const acc_t inv_scale = acc_t(1) / g.scale;
+  out.self = inv_scale;
+  out.shift = -sum_grad * (acc_t(1) - g.beta) * inv_scale / acc_t(g.count);
+  out.deviation = acc_t(0);
+  if (g.count < 2) return out;
+
+  const acc_t total = hist_var + g.var;
+  const acc_t dbeta = total > acc_t(0) ? -hist_var / (total * total) : acc_t(0);
+  acc_t dscale = acc_t(0);
+  if (mode == ScaleMode::Group) {
+    const acc_t sd = std::sqrt(g.var);
+    dscale = sd > acc_t(0) ? acc_t(0.5) / sd : acc_t(0);
+  } else if (mode == ScaleMode::Blend) {
+    const acc_t q = (acc_t(1) - g.beta) * g.var + g.beta * hist_var;
+    if (q > acc_t(0) && total > acc_t(0)) {
+      const acc_t dq = (g.var * g.var + acc_t(2) * hist_var * g.var - hist_var * hist_var) /
+                       (total * total);
+      dscale = dq * acc_t(0.5) / std::sqrt(q);
+    }
+  }
+  // Σ g_i (r_i - B) from Σ g_i (r_i - μ), which the kernels accumulate without cancellation.
+  const acc_t sum_grad_residual = sum_grad_centered + (g.mean - g.baseline) * sum_grad;
+  out.deviation = -(sum_grad * (hist_mean - g.mean) * dbeta * inv_scale +
+                    sum_grad_residual * dscale * inv_scale * inv_scale) *
+                  acc_t(2) / acc_t(g.count - 1);
+  return out;
+}
+
+}  // namespace bv_blend

@@ -1,0 +1,231 @@
+// CPU implementations: at::parallel_for over groups. Each group is reduced sequentially by one
+// thread, so results are bitwise independent of the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "bv_blend_math.h"
+#include "op_common.h"
+
+namespace bv_blend {
+namespace {
+
+// Aim for roughly this many rewards per parallel task: small enough to spread 1024 groups of 16
+// over a few threads, large enough to amortise the task overhead.
+constexpr int64_t kRewardsPerTask = 16384;
+
+int64_t group_grain(int64_t num_rewards, int64_t num_groups) {
+  const int64_t avg = num_groups > 0 ? std::max<int64_t>(1, num_rewards / num_groups) : 1;
+  return std::max<int64_t>(1, kRewardsPerTask / avg);
+}
+
+template <typename scalar_t, typename acc_t>
+struct GroupMoments {
+  int64_t count = 0;
+  acc_t mean = 0;
+  acc_t sq_dev = 0;
+};
+
+template <typename scalar_t, typename acc_t>
+GroupMoments<scalar_t, acc_t> group_moments(const scalar_t* r, int64_t start, int64_t end) {
+  GroupMoments<scalar_t, acc_t> m;
+  acc_t sum = 0;
+  for (int64_t i = start; i < end; ++i) {
+    const acc_t v = static_cast<acc_t>(r[i]);
+    if (!std::isnan(v)) {
+      sum += v;
+      ++m.count;
+    }
+  }
+  if (m.count == 0) return m;
+  m.mean = sum / acc_t(m.count);
+  for (int64_t i = start; i < end; ++i) {
+    const acc_t v = static_cast<acc_t>(r[i]);
+    if (!std::isnan(v)) m.sq_dev += (v - m.mean) * (v - m.mean);
+  }
+  return m;
+}
+
+struct Layout {
+  const int64_t* offsets;
+  int64_t group_size;
+  int64_t num_groups;
+  int64_t num_rewards;
+};
+
+Layout make_layout(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                   int64_t group_size, int64_t num_groups) {
+  return {offsets.has_value() ? offsets->data_ptr<int64_t>() : nullptr, group_size, num_groups,
+          rewards.numel()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
+    const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
+    const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps, c10::string_view scale) {
+  const ScaleMode mode = parse_scale(scale);
+  const int64_t num_groups =
+      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps);
+  const at::Tensor rewards = rewards_in.contiguous();
+  const std::optional<at::Tensor> offsets =
+      offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
+  auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, num_groups);
+  const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
+  const double h = hist_mean.item<double>();
+  const double u = hist_var.item<double>();
+  const double batch_scale =
+      mode == ScaleMode::Batch ? batch_moments(rewards).std.item<double>() + eps : 1.0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
+                                  "group_advantages_cpu", [&] {
+    using acc_t = accumulate_t<scalar_t>;
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    scalar_t* adv = advantages.data_ptr<scalar_t>();
+    acc_t* mean_out = group_mean.data_ptr<acc_t>();
+    acc_t* std_out = group_std.data_ptr<acc_t>();
+    acc_t* beta_out = beta.data_ptr<acc_t>();
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
+                     [&](int64_t first, int64_t last) {
+      for (int64_t g = first; g < last; ++g) {
+        int64_t start, end;
+        group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
+        const auto m = group_moments<scalar_t, acc_t>(r, start, end);
+        if (m.count == 0) {
+          mean_out[g] = std_out[g] = beta_out[g] = nan;
+          std::fill(adv + start, adv + end, scalar_t(0));
+          continue;
+        }
+        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
+                                          acc_t(eps), mode, acc_t(batch_scale));
+        mean_out[g] = b.mean;
+        std_out[g] = std::sqrt(b.var);
+        beta_out[g] = b.beta;
+        for (int64_t i = start; i < end; ++i) {
+          const acc_t v = static_cast<acc_t>(r[i]);
+          adv[i] = std::isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) / b.scale);
+        }
+      }
+    });
+  });
+  return {advantages, group_mean, group_std, beta};
+}
+
+at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Tensor& advantages,
+                                         const at::Tensor& rewards_in,
+                                         const std::optional<at::Tensor>& offsets_in,
+                                         int64_t group_size, const at::Tensor& hist_mean,
+                                         const at::Tensor& hist_var, double eps,
+                                         c10::string_view scale) {
+  const ScaleMode mode = parse_scale(scale);
+  const int64_t num_groups =
+      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps);
+  TORCH_CHECK_VALUE(grad_in.sizes() == rewards_in.sizes() && advantages.sizes() == rewards_in.sizes(),
+                    "grad_advantages and advantages must have the rewards' shape ",
+                    rewards_in.sizes());
+  const at::Tensor rewards = rewards_in.contiguous();
+  const at::Tensor grad = grad_in.to(rewards.scalar_type()).contiguous();
+  const std::optional<at::Tensor> offsets =
+      offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
+  const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
+  at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
+  const double h = hist_mean.item<double>();
+  const double u = hist_var.item<double>();
+  double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
+  if (mode == ScaleMode::Batch) {
+    const BatchMoments moments = batch_moments(rewards);
+    batch_scale = moments.std.item<double>() + eps;
+    batch_mean = moments.mean.item<double>();
+    batch_coef = batch_scale_coefficient(moments, grad, advantages, eps).item<double>();
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
+                                  "group_advantages_backward_cpu", [&] {
+    using acc_t = accumulate_t<scalar_t>;
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    const scalar_t* gr = grad.data_ptr<scalar_t>();
+    scalar_t* out = grad_rewards.data_ptr<scalar_t>();
+    at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
+                     [&](int64_t first, int64_t last) {
+      for (int64_t g = first; g < last; ++g) {
+        int64_t start, end;
+        group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
+        const auto m = group_moments<scalar_t, acc_t>(r, start, end);
+        if (m.count == 0) {
+          std::fill(out + start, out + end, scalar_t(0));
+          continue;
+        }
+        acc_t sum_grad = 0, sum_grad_centered = 0;
+        for (int64_t i = start; i < end; ++i) {
+          const acc_t v = static_cast<acc_t>(r[i]);
+          if (std::isnan(v)) continue;
+          sum_grad += static_cast<acc_t>(gr[i]);
+          sum_grad_centered += static_cast<acc_t>(gr[i]) * (v - m.mean);
+        }
+        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
+                                          acc_t(eps), mode, acc_t(batch_scale));
+        const auto c = group_gradient<acc_t>(b, acc_t(h), acc_t(u), mode, sum_grad,
+                                             sum_grad_centered);
+        for (int64_t i = start; i < end; ++i) {
+          const acc_t v = static_cast<acc_t>(r[i]);
+          out[i] = std::isnan(v) ? scalar_t(0)
+                                 : static_cast<scalar_t>(c.self * static_cast<acc_t>(gr[i]) +
+                                                         c.shift + c.deviation * (v - m.mean) +
+                                                         acc_t(batch_coef) * (v - acc_t(batch_mean)));
+        }
+      }
+    });
+  });
+  return grad_rewards;
+}
+
+template <typename acc_t>
+void push_group_means(const acc_t* means, int64_t num_groups, double* ring, int64_t window,
+                      int64_t& count, double& ema, double alpha) {
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const double mu = static_cast<double>(means[g]);
+    if (std::isnan(mu)) continue;
+    ring[count % window] = mu;
+    ++count;
+    ema = (1.0 - alpha) * ema + alpha * mu;
+  }
+}
+
+double ring_variance(const double* ring, int64_t entries, int64_t min_history) {
+  if (entries < std::max<int64_t>(2, min_history)) return 0.0;
+  double sum = 0;
+  for (int64_t i = 0; i < entries; ++i) sum += ring[i];
+  const double mean = sum / double(entries);
+  double sq = 0;
+  for (int64_t i = 0; i < entries; ++i) sq += (ring[i] - mean) * (ring[i] - mean);
+  return sq / double(entries - 1);
+}
+
+void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::Tensor& count,
+                        at::Tensor& ema, at::Tensor& var, double alpha, int64_t min_history) {
+  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
+  const at::Tensor group_mean = group_mean_in.contiguous();
+  const int64_t window = ring.numel();
+  int64_t pushed = count.item<int64_t>();
+  double h = ema.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_history_cpu", [&] {
+    push_group_means<scalar_t>(group_mean.data_ptr<scalar_t>(), group_mean.numel(),
+                               ring.data_ptr<double>(), window, pushed, h, alpha);
+  });
+  count.fill_(pushed);
+  ema.fill_(h);
+  var.fill_(ring_variance(ring.data_ptr<double>(), std::min(pushed, window), min_history));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bv_blend, CPU, m) {
+  m.impl("group_advantages", &group_advantages_cpu);
+  m.impl("group_advantages_backward", &group_advantages_backward_cpu);
+  m.impl("update_history", &update_history_cpu);
+}
+
+}  // namespace bv_blend

@@ -1,0 +1,110 @@
+#include "op_common.h"
+
+#include <ATen/ATen.h>
+
+namespace bv_blend {
+
+ScaleMode parse_scale(std::string_view scale) {
+  if (scale == "group") return ScaleMode::Group;
+  if (scale == "blend") return ScaleMode::Blend;
+  if (scale == "batch") return ScaleMode::Batch;
+  if (scale == "none") return ScaleMode::None;
+  TORCH_CHECK_VALUE(false, "scale must be one of 'group', 'blend', 'batch', 'none', got '", scale,
+                    "'");
+}
+
+at::ScalarType accumulation_type(at::ScalarType reward_type) {
+  return reward_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static void check_scalar_stat(const at::Tensor& stat, const at::Tensor& rewards, const char* name) {
+  TORCH_CHECK_VALUE(stat.dim() == 0, name, " must be a 0-dim tensor, got shape ", stat.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(stat.scalar_type()), name,
+                   " must be a floating-point tensor, got ", stat.scalar_type());
+  TORCH_CHECK_VALUE(stat.device() == rewards.device(), name, " must be on the rewards' device (",
+                    rewards.device(), "), got ", stat.device());
+}
+
+int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                           int64_t group_size, const at::Tensor& hist_mean,
+                           const at::Tensor& hist_var, double eps) {
+  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D (N,), got shape ", rewards.sizes());
+  const auto dtype = rewards.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                       dtype == at::kDouble,
+                   "rewards must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  check_scalar_stat(hist_mean, rewards, "hist_mean");
+  check_scalar_stat(hist_var, rewards, "hist_var");
+  const int64_t n = rewards.numel();
+  if (offsets.has_value()) {
+    const at::Tensor& o = *offsets;
+    TORCH_CHECK_TYPE(o.scalar_type() == at::kLong, "offsets must be int64, got ", o.scalar_type());
+    TORCH_CHECK_VALUE(o.dim() == 1 && o.numel() >= 1,
+                      "offsets must be 1-D of length G+1 >= 1, got shape ", o.sizes());
+    TORCH_CHECK_VALUE(o.device() == rewards.device(), "offsets must be on the rewards' device (",
+                      rewards.device(), "), got ", o.device());
+    return o.numel() - 1;
+  }
+  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1 when offsets is None, got ",
+                    group_size);
+  TORCH_CHECK_VALUE(n % group_size == 0, "group_size (", group_size,
+                    ") must divide the number of rewards (", n, ")");
+  return n / group_size;
+}
+
+BatchMoments batch_moments(const at::Tensor& rewards) {
+  const at::Tensor r = rewards.to(accumulation_type(rewards.scalar_type()));
+  const at::Tensor valid = r.isnan().logical_not();
+  const at::Tensor count = valid.sum().to(r.scalar_type());
+  const at::Tensor mean = r.nansum() / count.clamp_min(1);
+  const at::Tensor centered = at::where(valid, r - mean, at::zeros({}, r.options()));
+  const at::Tensor var = (centered * centered).sum() / (count - 1).clamp_min(1);
+  const at::Tensor std = at::where(count >= 2, var.sqrt(), at::zeros({}, r.options()));
+  return {mean, std, count};
+}
+
+at::Tensor batch_scale_coefficient(const BatchMoments& moments, const at::Tensor& grad_advantages,
+                                   const at::Tensor& advantages, double eps) {
+  const auto acc = moments.std.scalar_type();
+  const at::Tensor grad_dot_adv = (grad_advantages.to(acc) * advantages.to(acc)).sum();
+  const at::Tensor scale = moments.std + eps;
+  const at::Tensor denom = (moments.count - 1).clamp_min(1) * moments.std;
+  const at::Tensor coef = -grad_dot_adv / scale / at::where(denom > 0, denom, at::ones_like(denom));
+  return at::where(moments.std > 0, coef, at::zeros_like(coef));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_outputs(
+    const at::Tensor& rewards, int64_t num_groups) {
+  const auto stats = rewards.options().dtype(accumulation_type(rewards.scalar_type()));
+  return {at::empty_like(rewards, at::MemoryFormat::Contiguous), at::empty({num_groups}, stats),
+          at::empty({num_groups}, stats), at::empty({num_groups}, stats)};
+}
+
+void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
+                          const at::Tensor& count, const at::Tensor& ema, const at::Tensor& var,
+                          double alpha, int64_t min_history) {
+  TORCH_CHECK_VALUE(group_mean.dim() == 1, "group_mean must be 1-D, got shape ",
+                    group_mean.sizes());
+  TORCH_CHECK_TYPE(group_mean.scalar_type() == at::kFloat || group_mean.scalar_type() == at::kDouble,
+                   "group_mean must be float32 or float64, got ", group_mean.scalar_type());
+  TORCH_CHECK_VALUE(ring.dim() == 1 && ring.numel() >= 2, "ring must be 1-D with window >= 2 ",
+                    "entries, got shape ", ring.sizes());
+  TORCH_CHECK_TYPE(ring.scalar_type() == at::kDouble && ema.scalar_type() == at::kDouble &&
+                       var.scalar_type() == at::kDouble,
+                   "ring, ema and var must be float64");
+  TORCH_CHECK_TYPE(count.scalar_type() == at::kLong, "count must be int64, got ",
+                   count.scalar_type());
+  TORCH_CHECK_VALUE(count.dim() == 0 && ema.dim() == 0 && var.dim() == 0,
+                    "count, ema and var must be 0-dim tensors");
+  TORCH_CHECK_VALUE(ring.is_contiguous(), "ring must be contiguous");
+  for (const at::Tensor* t : {&ring, &count, &ema, &var}) {
+    TORCH_CHECK_VALUE(t->device() == group_mean.device(),
+                      "history state must be on group_mean's device (", group_mean.device(),
+                      "), got ", t->device());
+  }
+  TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "ema_decay (alpha) must be in (0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(min_history >= 0, "min_history must be >= 0, got ", min_history);
+}
+
+}  // namespace bv_blend

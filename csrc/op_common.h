@@ -1,0 +1,48 @@
+// Device-independent halves of the op implementations: argument checks, output allocation and
+// the batch-wide moments of scale="batch" (composed from ATen ops, so identical on every device).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "bv_blend_math.h"
+
+namespace bv_blend {
+
+ScaleMode parse_scale(std::string_view scale);
+
+at::ScalarType accumulation_type(at::ScalarType reward_type);
+
+// Checks what can be checked without reading device memory and returns the number of groups.
+// Offsets' values (start 0, end N, non-decreasing) need a device sync; the Python layer checks
+// them when validate=True, and the kernels clamp them so bad values cannot fault.
+int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                           int64_t group_size, const at::Tensor& hist_mean,
+                           const at::Tensor& hist_var, double eps);
+
+// Mean and unbiased std (0 below two values) of the non-NaN rewards, as 0-dim tensors of the
+// accumulation dtype, and the number of non-NaN rewards.
+struct BatchMoments {
+  at::Tensor mean;
+  at::Tensor std;
+  at::Tensor count;
+};
+BatchMoments batch_moments(const at::Tensor& rewards);
+
+// d loss / d (batch scale) folded into one coefficient per reward deviation from the batch mean:
+// grad_j += coef * (r_j - batch_mean). Zero when the batch std is zero.
+at::Tensor batch_scale_coefficient(const BatchMoments& moments, const at::Tensor& grad_advantages,
+                                   const at::Tensor& advantages, double eps);
+
+// (advantages, group_mean, group_std, beta) allocated on the rewards' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_outputs(
+    const at::Tensor& rewards, int64_t num_groups);
+
+void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
+                          const at::Tensor& count, const at::Tensor& ema, const at::Tensor& var,
+                          double alpha, int64_t min_history);
+
+}  // namespace bv_blend
