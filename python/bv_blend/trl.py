@@ -1,0 +1,216 @@
+"""BV-Blend advantages inside Hugging Face TRL: a drop-in `GRPOTrainer` subclass.
+
+    from bv_blend.trl import BVBlendGRPOConfig, BVBlendGRPOTrainer
+
+`GRPOTrainer` has no advantage hook, so the subclass lets TRL generate, score, gather and compute
+its own advantages as usual, then recomputes the advantages of the whole gathered batch with
+`bv_blend_ext` and swaps in this process's slice. Every process sees the same gathered rewards,
+so every process computes the same advantages and keeps the same BV-Blend history. The history
+rides along with TRL's checkpoints (`bv_blend_state.pt` in each `checkpoint-*` folder).
+
+The integration reads TRL internals, listed in docs/trl.md, that change between releases; the
+version check below refuses a TRL outside the tested range instead of training with advantages
+that may silently be TRL's own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from packaging.specifiers import SpecifierSet
+
+__all__ = ["BVBlendGRPOConfig", "BVBlendGRPOTrainer", "SUPPORTED_TRL", "STATE_FILE",
+           "check_trl_version"]
+
+# Keep in step with the `trl` extra in setup.py.
+SUPPORTED_TRL = ">=1.16,<1.17"
+# Written next to TRL's own files in every checkpoint folder.
+STATE_FILE = "bv_blend_state.pt"
+
+
+def check_trl_version(version: str) -> None:
+    """Raise ImportError unless `version` is a TRL release this integration was tested against."""
+    if not SpecifierSet(SUPPORTED_TRL).contains(version, prereleases=True):
+        raise ImportError(
+            f"bv_blend.trl supports trl{SUPPORTED_TRL} but trl {version} is installed; it relies on "
+            f"GRPOTrainer internals that differ between TRL releases. Install a supported TRL with "
+            f"`pip install 'bv-blend-ext[trl]'` (or 'trl{SUPPORTED_TRL}').")
+
+
+try:
+    import trl
+except ImportError as err:
+    raise ImportError(
+        f"bv_blend.trl needs TRL (trl{SUPPORTED_TRL}): `pip install 'bv-blend-ext[trl]'`") from err
+check_trl_version(trl.__version__)
+
+import bv_blend_ext  # noqa: E402  (after the version check: a bad TRL should fail first)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BVBlendGRPOConfig(GRPOConfig):
+    """TRL's `GRPOConfig` plus the BV-Blend estimator settings (all prefixed `bv_`).
+
+    `bv_scale` replaces TRL's `scale_rewards` for the advantages; TRL still uses `scale_rewards`
+    for its `frac_reward_zero_std` metric. With `bv_use_history=False` the history weight β is 0
+    and the advantages are TRL's own: `bv_scale` "group" or "blend" equals `scale_rewards="group"`,
+    "batch" equals "batch" and "none" equals "none".
+    """
+
+    bv_window: int = field(
+        default=100,
+        metadata={"help": "Number of recent group mean rewards whose variance gives the history "
+                          "variance σ_u²."})
+    bv_ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "Decay of the EMA of group means that gives the history baseline H; "
+                          "None means 2 / (bv_window + 1)."})
+    bv_initial_baseline: float = field(
+        default=0.0, metadata={"help": "Value of H before any group has been seen."})
+    bv_min_history: int = field(
+        default=2,
+        metadata={"help": "Group means needed in the window before the history is used (β > 0)."})
+    bv_scale: str = field(
+        default="blend",
+        metadata={"help": "Advantage scale: 'blend' (blended std), 'group', 'batch' or 'none'. "
+                          "Replaces TRL's scale_rewards for the advantages."})
+    bv_eps: float = field(
+        default=1e-4, metadata={"help": "Added to the scale, as TRL adds 1e-4 to the std."})
+    bv_use_history: bool = field(
+        default=True,
+        metadata={"help": "False: β = 0 (no history is used or updated), which reproduces TRL's "
+                          "own advantages; for A/B runs."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bv_scale not in bv_blend_ext.SCALE_MODES:
+            raise ValueError(f"bv_scale must be one of {bv_blend_ext.SCALE_MODES}, "
+                             f"got {self.bv_scale!r}")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            # normalize_then_sum hands the advantage step per-function z-scores whose group means
+            # are ~0 by construction, so a history of them carries no baseline information.
+            raise ValueError("BV-Blend needs multi_objective_aggregation='sum_then_normalize', got "
+                             f"{self.multi_objective_aggregation!r}")
+
+
+class BVBlendGRPOTrainer(GRPOTrainer):
+    """TRL's `GRPOTrainer` with BV-Blend advantages; same constructor, `args` a BVBlendGRPOConfig.
+
+    `trainer.bv_blend` is the `bv_blend_ext.BVBlend` estimator holding the history.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: BVBlendGRPOConfig | None = None,
+                 *positional, **kwargs):
+        if args is None:
+            # Same default output directory as GRPOTrainer, with the BV-Blend config type.
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = BVBlendGRPOConfig(f"{name.split('/')[-1]}-GRPO")
+        if not isinstance(args, BVBlendGRPOConfig):
+            raise TypeError(f"args must be a BVBlendGRPOConfig, got {type(args).__name__}")
+        # Built before the model is loaded so that a bad bv_* setting fails fast.
+        self.bv_blend = bv_blend_ext.BVBlend(
+            window=args.bv_window, ema_decay=args.bv_ema_decay,
+            initial_baseline=args.bv_initial_baseline, min_history=args.bv_min_history,
+            eps=args.bv_eps, scale=args.bv_scale)
+        self._bv_rewards_per_func = None
+        super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        self.bv_blend.to(self.accelerator.device)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL returns the rewards of all processes here (already gathered); keep them for the
+        # advantage step that follows in _generate_and_score_completions.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._bv_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._bv_rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards_per_func, self._bv_rewards_per_func = self._bv_rewards_per_func, None
+        if rewards_per_func is None:
+            raise RuntimeError("GRPOTrainer._generate_and_score_completions did not call "
+                               "_calculate_rewards; this TRL version is not supported by "
+                               "bv_blend.trl")
+        local = output["advantages"].shape[0]
+        if rewards_per_func.shape[0] != local * self.accelerator.num_processes:
+            raise RuntimeError(
+                f"expected {local} completions per process x {self.accelerator.num_processes} "
+                f"processes in the gathered rewards, got {rewards_per_func.shape[0]}; this TRL "
+                f"version is not supported by bv_blend.trl")
+        mode = "train" if self.model.training else "eval"
+        advantages = self._bv_advantages(rewards_per_func, mode)
+        # TRL's slicing: process i owns rows [i * local, (i + 1) * local) of the gathered batch.
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start:start + local]
+        self._bv_replace_logged_advantages(advantages)
+        return output
+
+    def _bv_advantages(self, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
+        """BV-Blend advantages of the gathered batch; advances the history in training only."""
+        # TRL's sum_then_normalize reward: weighted nansum over the reward functions, NaN only
+        # where every function returned None (unscorable); the op gives those a 0 advantage.
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+
+        if not self.args.bv_use_history:
+            hist_mean, hist_var = 0.0, 0.0
+        else:
+            # Read before the call: the estimator reports the history the NEXT call will use.
+            hist_mean = self.bv_blend.history_mean.item()
+            hist_var = self.bv_blend.history_var.item()
+        if self.args.bv_use_history and mode == "train":
+            advantages = self.bv_blend(rewards, group_size=group_size)
+            beta = self.bv_blend.last_stats.beta
+        else:
+            # Evaluation blends with the history but must not move it.
+            out = bv_blend_ext.blend_advantages(
+                rewards, group_size, hist_mean=hist_mean, hist_var=hist_var,
+                eps=self.args.bv_eps, scale=self.args.bv_scale)
+            advantages, beta = out.advantages, out.beta
+
+        metrics = self._metrics[mode]
+        metrics["bv_blend/beta_mean"].append(torch.nanmean(beta.float()).item())
+        metrics["bv_blend/history_mean"].append(hist_mean)
+        metrics["bv_blend/history_var"].append(hist_var)
+        return advantages
+
+    def _bv_replace_logged_advantages(self, advantages: torch.Tensor) -> None:
+        # TRL appended its own advantages of this batch to the completions-table log (a bounded
+        # deque); overwrite that tail so log_completions shows the advantages actually trained on.
+        logged = self._logs["advantages"]
+        values = advantages.tolist()
+        replaced = min(len(values), len(logged))
+        for _ in range(replaced):
+            logged.pop()
+        logged.extend(values[len(values) - replaced:])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # Every process holds the same history, so the processes that save TRL's files save it.
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.bv_blend.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # The Trainer calls this exactly when resuming, with the resolved checkpoint folder.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning(f"{checkpoint} has no {STATE_FILE} (not saved by BVBlendGRPOTrainer?); "
+                           "BV-Blend starts from an empty history")
+            return
+        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        self.bv_blend.load_state_dict(state)
