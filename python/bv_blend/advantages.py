@@ -1,0 +1,86 @@
+"""The estimator switch: bv_blend, grpo, dr_grpo and batch run through the op; rloo beside it.
+
+All estimators take the rewards of the whole step (every process's, gathered) as one flat tensor
+in which each run of `group_size` entries is one prompt's group, NaN marking an unscorable
+completion, and return per-completion advantages plus the per-group statistics for the metrics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+import bv_blend_ext
+
+# The stateless estimators are scale settings of the op with the history off (hist_var = 0 gives
+# beta = 0), as the op's contract defines them.
+OP_SCALES = {"grpo": "group", "dr_grpo": "none", "batch": "batch"}
+
+
+class Advantages(NamedTuple):
+    advantages: torch.Tensor  # (N,), 0 where the reward is NaN
+    group_mean: torch.Tensor  # (G,)
+    group_std: torch.Tensor  # (G,), unbiased; NaN for a group with no valid reward
+    beta: torch.Tensor  # (G,), weight of the history in each group's baseline
+    history_mean: float  # H used for this call (0 for the estimators without history)
+    history_var: float  # sigma_u^2 used for this call
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> bv_blend_ext.BlendOutput:
+    """REINFORCE leave-one-out: each reward minus the mean of the other valid rewards of its group
+    (0 for a NaN reward, and for the only valid reward of a group). Unscaled."""
+    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(acc).view(-1, group_size)
+    valid = ~torch.isnan(r)
+    n = valid.sum(1, keepdim=True).to(acc)
+    values = torch.where(valid, r, 0)
+    total = values.sum(1, keepdim=True)
+    others = (n - 1).clamp(min=1)
+    advantages = torch.where(valid & (n >= 2), r - (total - values) / others, 0)
+    mean = total / n  # NaN for a group without valid rewards (0 / 0)
+    var = torch.where(valid, (values - mean) ** 2, 0).sum(1, keepdim=True) / others
+    std = torch.where(n >= 2, var.sqrt(), torch.where(n == 1, 0.0, torch.nan))
+    beta = torch.where(n > 0, 0.0, torch.nan)
+    return bv_blend_ext.BlendOutput(advantages.reshape(-1).to(rewards.dtype), mean.squeeze(1),
+                                    std.squeeze(1), beta.squeeze(1))
+
+
+class AdvantageEstimator:
+    """One of ESTIMATORS; only bv_blend has state (its history), saved in checkpoints."""
+
+    def __init__(self, name: str, *, eps: float = 1e-4, window: int = 100,
+                 ema_decay: float | None = None, min_history: int = 2,
+                 initial_baseline: float = 0.0, bv_scale: str = "blend"):
+        self.name = name
+        self.eps = eps
+        self.blend = None
+        if name == "bv_blend":
+            self.blend = bv_blend_ext.BVBlend(window=window, ema_decay=ema_decay,
+                                              initial_baseline=initial_baseline,
+                                              min_history=min_history, eps=eps, scale=bv_scale)
+        elif name not in OP_SCALES and name != "rloo":
+            raise ValueError(f"estimator must be one of bv_blend, {', '.join(OP_SCALES)}, rloo; "
+                             f"got {name!r}")
+
+    def __call__(self, rewards: torch.Tensor, group_size: int) -> Advantages:
+        if self.blend is not None:
+            h, u = float(self.blend.history_mean), float(self.blend.history_var)
+            advantages = self.blend(rewards, group_size=group_size)
+            stats = self.blend.last_stats
+            return Advantages(advantages, stats.group_mean, stats.group_std, stats.beta, h, u)
+        if self.name == "rloo":
+            out = rloo_advantages(rewards, group_size)
+        else:
+            out = bv_blend_ext.blend_advantages(rewards, group_size, eps=self.eps,
+                                                scale=OP_SCALES[self.name])
+        return Advantages(out.advantages, out.group_mean, out.group_std, out.beta, 0.0, 0.0)
+
+    def state_dict(self) -> dict:
+        return {} if self.blend is None else self.blend.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.blend is not None:
+            self.blend.load_state_dict(state)
+        elif state:
+            raise ValueError(f"checkpoint holds a BV-Blend history but estimator is {self.name!r}")

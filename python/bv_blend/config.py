@@ -1,0 +1,228 @@
+"""GRPOConfig: every setting of a run, its default, its help text and its validation.
+
+The CLI builds one flag per field from this dataclass and a YAML file may set any field, so this
+file is the single list of what can be configured. Defaults suit the tiny model on the built-in
+`add` task on a CPU; a real pretrained LM wants a learning rate around 1e-6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+ESTIMATORS = ("bv_blend", "grpo", "dr_grpo", "batch", "rloo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCHEDULERS = ("constant", "linear", "cosine")
+REPORT_TO = ("none", "tensorboard")
+BV_SCALES = ("blend", "group")
+
+
+def _f(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class GRPOConfig:
+    # model and data
+    model: str = _f("tiny", "local path or cached name of a causal LM, or 'tiny' for a small "
+                    "random model built in <output_dir>/tiny_model")
+    tiny_arch: str = _f("llama", "architecture of the tiny model: llama or qwen2")
+    task: str = _f("add", "built-in task (see `bv-blend tasks`), or 'jsonl' with dataset_path")
+    dataset_path: str | None = _f(None, "JSONL file with 'prompt' and 'answer' columns")
+    reward_funcs: list[str] | None = _f(None, "built-in reward functions to use instead of the "
+                                        "task's own", nargs="+")
+    reward_weights: list[float] | None = _f(None, "one weight per reward function (default 1)",
+                                            nargs="+")
+
+    # sampling
+    num_generations: int = _f(8, "completions sampled per prompt (the group size)")
+    batch_size: int = _f(64, "completions per process per step; a multiple of num_generations")
+    max_completion_length: int | None = _f(None, "max new tokens per completion (default: the "
+                                           "task's)")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling threshold")
+
+    # advantages
+    estimator: str = _f("bv_blend", f"advantage estimator: {', '.join(ESTIMATORS)}")
+    advantage_eps: float = _f(1e-4, "added to the advantage scale")
+    bv_window: int = _f(100, "BV-Blend: group means kept for the history variance")
+    bv_ema_decay: float | None = _f(None, "BV-Blend: EMA decay of the history mean "
+                                    "(default 2/(window+1))")
+    bv_min_history: int = _f(2, "BV-Blend: group means needed before the history is used")
+    bv_initial_baseline: float = _f(0.0, "BV-Blend: starting value of the history mean")
+    bv_scale: str = _f("blend", "BV-Blend advantage scale: blend or group")
+
+    # loss
+    loss_type: str = _f("dapo", f"loss aggregation: {', '.join(LOSS_TYPES)}")
+    epsilon: float = _f(0.2, "lower clip range of the importance ratio")
+    epsilon_high: float | None = _f(None, "upper clip range (default: epsilon)")
+    beta: float = _f(0.0, "KL coefficient; > 0 loads a frozen reference model")
+    num_iterations: int = _f(1, "optimizer updates per batch of completions (mu)")
+
+    # optimisation
+    learning_rate: float = _f(3e-3, "AdamW peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.99, "AdamW beta2")
+    lr_scheduler_type: str = _f("constant", f"schedule after warm-up: {', '.join(SCHEDULERS)}")
+    warmup_steps: int = _f(0, "optimizer updates of linear warm-up")
+    max_grad_norm: float | None = _f(1.0, "gradient clipping norm (none to disable)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches each batch is split into for the "
+                                          "forward/backward; batch_size must divide evenly")
+    bf16: bool | None = _f(None, "bfloat16 autocast (default: on with CUDA)")
+
+    # run
+    max_steps: int = _f(200, "training steps (one batch of completions each)")
+    seed: int = _f(0, "seed of the model init (tiny), data order and sampling")
+    device: str | None = _f(None, "cpu, cuda, cuda:N (default: cuda when available)")
+    output_dir: str = _f("runs/bv_blend", "where checkpoints, metrics.jsonl and report.png go")
+    save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)")
+    resume_from: str | None = _f(None, "checkpoint directory, or an output_dir to take its "
+                                 "latest checkpoint")
+    report_to: str = _f("none", "also log to: none or tensorboard")
+    progress_bar: bool = _f(True, "show a tqdm progress bar")
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def epsilon_upper(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting for anything that cannot train."""
+        from bv_blend.tasks import get_task
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        def positive(name, allow_zero=False):
+            value = getattr(self, name)
+            if value is None or value < 0 or (value == 0 and not allow_zero):
+                raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, "
+                                 f"got {value!r}")
+
+        from bv_blend.rewards import get_reward_func
+
+        get_task(self.task)
+        for name in self.reward_funcs or []:
+            get_reward_func(name)
+        choice("estimator", ESTIMATORS)
+        choice("loss_type", LOSS_TYPES)
+        choice("lr_scheduler_type", SCHEDULERS)
+        choice("report_to", REPORT_TO)
+        choice("bv_scale", BV_SCALES)
+        choice("tiny_arch", ("llama", "qwen2"))
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (a group needs two completions to "
+                             f"compare), got {self.num_generations}")
+        if self.batch_size <= 0 or self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a positive multiple of "
+                             f"num_generations ({self.num_generations})")
+        positive("gradient_accumulation_steps")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        if self.max_completion_length is not None:
+            positive("max_completion_length")
+        positive("temperature")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        positive("advantage_eps", allow_zero=True)
+        if self.bv_window < 2:
+            raise ValueError(f"bv_window must be >= 2, got {self.bv_window}")
+        if self.bv_ema_decay is not None and not 0 < self.bv_ema_decay <= 1:
+            raise ValueError(f"bv_ema_decay must be in (0, 1], got {self.bv_ema_decay}")
+        if not 0 <= self.bv_min_history <= self.bv_window:
+            raise ValueError(f"bv_min_history must be in [0, bv_window={self.bv_window}], "
+                             f"got {self.bv_min_history}")
+        positive("epsilon", allow_zero=True)
+        if self.epsilon_high is not None:
+            positive("epsilon_high", allow_zero=True)
+        positive("beta", allow_zero=True)
+        positive("num_iterations")
+        positive("learning_rate")
+        positive("weight_decay", allow_zero=True)
+        positive("warmup_steps", allow_zero=True)
+        if self.max_grad_norm is not None:
+            positive("max_grad_norm")
+        positive("max_steps")
+        positive("save_steps", allow_zero=True)
+        if self.task == "jsonl" and not self.dataset_path:
+            raise ValueError("task 'jsonl' needs dataset_path (a JSONL file with 'prompt' and "
+                             "'answer' columns)")
+        if self.reward_weights is not None and self.reward_funcs is not None and \
+                len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
+                             f"{len(self.reward_funcs)} reward_funcs")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GRPOConfig":
+        """Build from loosely typed values (YAML, command-line strings), converted per field."""
+        unknown = set(values) - set(cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; see `bv-blend train --help`")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _convert(name, hints[name], v) for name, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "GRPOConfig":
+        """Settings from a YAML mapping (field names as keys), then `overrides` on top."""
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config {path!r} must be a YAML mapping of setting: value")
+        return cls.from_dict({**values, **overrides})
+
+
+def _convert(name: str, hint, value):
+    """`value` as the field's type. YAML 1.1 reads `1e-3` as a string and the command line gives
+    only strings, so numbers and booleans are parsed here, with an error naming the setting."""
+    members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    optional = type(None) in members
+    base = next(m for m in members if m is not type(None))
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if not optional:
+            raise ValueError(f"{name} cannot be empty")
+        return None
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_scalar(name, item, v) for v in items]
+    return _scalar(name, base, value)
+
+
+def _scalar(name: str, kind: type, value):
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if isinstance(value, bool):
+            raise ValueError
+        if kind is int:
+            number = float(value) if isinstance(value, str) and "e" in value.lower() else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}") from None

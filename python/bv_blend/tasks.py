@@ -1,0 +1,119 @@
+"""Built-in verifiable tasks and the JSONL loader.
+
+Every procedural task is an endless, deterministic stream: example `i` is generated from
+`(seed, i)` alone, so "where we are in the data" is one integer and a resumed run sees exactly the
+prompts it would have seen. A JSONL file is a finite list walked in a seeded order that is
+reshuffled every epoch, again a pure function of the position.
+
+Prompts are plain text (no chat template): the tiny character-level model reads and writes
+characters, and the answers are short digit strings it can learn to produce on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from bv_blend import rewards
+
+DIGITS = "0123456789"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make_example: Callable[[random.Random], dict] | None  # None: examples come from a file
+    reward_funcs: tuple[Callable, ...]
+    max_completion_length: int  # enough tokens for the longest answer plus EOS
+
+
+def _addition(rng: random.Random) -> dict:
+    a, b = rng.randrange(10), rng.randrange(10)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def _reversal(rng: random.Random) -> dict:
+    digits = "".join(rng.choice(DIGITS) for _ in range(3))
+    return {"prompt": f"rev {digits}:", "answer": digits[::-1]}
+
+
+TASKS: dict[str, Task] = {
+    task.name: task for task in (
+        Task("add", "single-digit addition '3+5=' -> '8'; partial credit per character",
+             _addition, (rewards.digit_partial_credit,), 4),
+        Task("add_sparse", "single-digit addition; reward 1 only for the exact answer",
+             _addition, (rewards.exact_match,), 4),
+        Task("reverse", "reverse three digits 'rev 123:' -> '321'; partial credit per character",
+             _reversal, (rewards.digit_partial_credit,), 5),
+        Task("reverse_sparse", "reverse three digits; reward 1 only for the exact answer",
+             _reversal, (rewards.exact_match,), 5),
+        Task("jsonl", "your own JSONL file (dataset_path) with 'prompt' and 'answer' columns; "
+             "exact-match reward unless reward_funcs says otherwise",
+             None, (rewards.exact_match,), 16),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name]
+
+
+class ProceduralPrompts:
+    """Example i of a procedural task, generated from (seed, i): random access, no storage."""
+
+    def __init__(self, make_example: Callable[[random.Random], dict], seed: int):
+        self.make_example = make_example
+        self.seed = seed
+
+    def __getitem__(self, position: int) -> dict:
+        # A string seed is hashed deterministically by random.Random (unlike hash() of a tuple).
+        return self.make_example(random.Random(f"{self.seed}:{position}"))
+
+
+class ShuffledRecords:
+    """A finite dataset read in a seeded order that is reshuffled every epoch."""
+
+    def __init__(self, records, seed: int):
+        self.records = records
+        self.seed = seed
+        self._order_epoch, self._order = None, None
+
+    def __getitem__(self, position: int) -> dict:
+        epoch, offset = divmod(position, len(self.records))
+        if epoch != self._order_epoch:
+            self._order = list(range(len(self.records)))
+            random.Random(f"{self.seed}:epoch{epoch}").shuffle(self._order)
+            self._order_epoch = epoch
+        return dict(self.records[self._order[offset]])
+
+
+def load_jsonl(path: str):
+    """A JSONL file with at least 'prompt' and 'answer' columns, as a `datasets.Dataset`."""
+    import datasets
+
+    dataset = datasets.load_dataset("json", data_files=path, split="train")
+    missing = {"prompt", "answer"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"dataset_path {path!r} lacks the column(s) {sorted(missing)}; "
+                         f"it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset_path {path!r} holds no records")
+    return dataset
+
+
+def prompt_source(task: Task, seed: int, dataset=None):
+    """Random-access examples for `task`: `dataset` (a datasets.Dataset or a list of dicts with a
+    'prompt' column) when given, otherwise the task's own generator."""
+    if dataset is not None:
+        if len(dataset) == 0:
+            raise ValueError("train_dataset holds no records")
+        if "prompt" not in dataset[0]:
+            raise ValueError(f"train_dataset needs a 'prompt' column; it has {list(dataset[0])}")
+        return ShuffledRecords(dataset, seed)
+    if task.make_example is None:
+        raise ValueError(f"task {task.name!r} reads its examples from a file: set dataset_path")
+    return ProceduralPrompts(task.make_example, seed)
