@@ -119,20 +119,10 @@ def test_fixed_size_parity_with_reference(dtype, data, group_size, num_groups, h
     assert_matches_reference(got, reference.blend_advantages(rewards, group_size, **kwargs), dtype)
 
 
-def random_rewards(num_groups, max_size, dtype, seed, nan_fraction=0.1):
-    """Continuous rewards in ragged groups of 0..max_size, with NaNs sprinkled in."""
-    gen = torch.Generator().manual_seed(seed)
-    sizes = torch.randint(0, max_size + 1, (num_groups,), generator=gen)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    rewards = torch.randn(int(offsets[-1]), generator=gen, dtype=torch.float64) * 2 + 0.5
-    rewards[torch.rand(rewards.shape, generator=gen) < nan_fraction] = NAN
-    return rewards.to(dtype), offsets
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("scale", SCALES)
-def test_continuous_rewards_parity_with_reference(dtype, scale):
-    rewards, offsets = random_rewards(300, 12, dtype, seed=1)
+def test_continuous_rewards_parity_with_reference(dtype, scale, ragged_rewards):
+    rewards, offsets = ragged_rewards(300, 12, dtype, seed=1)
     kwargs = dict(offsets=offsets, hist_mean=0.3, hist_var=0.8, scale=scale)
     got = bv_blend_ext.blend_advantages(rewards, **kwargs)
     # Random pairs of nearly equal rewards give tiny σ, where float32 rounding of r - B is
@@ -143,9 +133,9 @@ def test_continuous_rewards_parity_with_reference(dtype, scale):
     torch.testing.assert_close(got.beta, want.beta, equal_nan=True, **STAT_TOL[dtype])
 
 
-def test_non_contiguous_rewards():
+def test_non_contiguous_rewards(ragged_rewards):
     # Any 1-D tensor is a valid rewards argument, including a strided view.
-    base, offsets = random_rewards(40, 6, torch.float32, seed=2)
+    base, offsets = ragged_rewards(40, 6, torch.float32, seed=2)
     rewards = torch.stack([base, torch.full_like(base, 1e6)], dim=1)[:, 0]
     assert not rewards.is_contiguous()
     got = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_var=0.5)
@@ -153,16 +143,16 @@ def test_non_contiguous_rewards():
     assert torch.equal(got.advantages, want.advantages)
 
 
-def test_validate_false_gives_the_same_result():
-    rewards, offsets = random_rewards(50, 8, torch.float32, seed=3)
+def test_validate_false_gives_the_same_result(ragged_rewards):
+    rewards, offsets = ragged_rewards(50, 8, torch.float32, seed=3)
     got = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_var=0.5, validate=False)
     want = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_var=0.5)
     assert torch.equal(got.advantages, want.advantages)
 
 
-def test_history_statistics_as_tensors():
+def test_history_statistics_as_tensors(ragged_rewards):
     # 0-dim tensors (the estimator's float64 buffers) and plain floats are interchangeable.
-    rewards, offsets = random_rewards(20, 6, torch.float32, seed=4)
+    rewards, offsets = ragged_rewards(20, 6, torch.float32, seed=4)
     got = bv_blend_ext.blend_advantages(rewards, offsets=offsets,
                                         hist_mean=torch.tensor(0.7, dtype=torch.float64),
                                         hist_var=torch.tensor(1.3, dtype=torch.float64))
@@ -261,17 +251,11 @@ def test_gradient_is_zero_for_nan_rewards():
 
 # --- determinism ----------------------------------------------------------------------------------
 
-def bits(t):
-    """Exact bit pattern of a tensor, so NaNs compare equal and -0.0 differs from 0.0."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.detach().contiguous().view(ints[t.element_size()])
-
-
 @pytest.mark.parametrize("scale", SCALES)
-def test_bitwise_equal_across_thread_counts(scale):
+def test_bitwise_equal_across_thread_counts(scale, ragged_rewards, bits):
     # Large enough (~150k rewards) that both the per-group kernel and any whole-batch reduction
     # are split across threads.
-    ragged, offsets = random_rewards(20000, 14, torch.float32, seed=6)
+    ragged, offsets = ragged_rewards(20000, 14, torch.float32, seed=6)
     fixed = torch.randn(8192 * 16, generator=torch.Generator().manual_seed(7))
     grad_out = torch.randn(ragged.shape, generator=torch.Generator().manual_seed(8))
 
