@@ -1,0 +1,326 @@
+// CUDA kernels. A "team" of TEAM lanes (a power of two up to a warp) owns one group and reduces it
+// with butterfly shuffles: no shared memory, no atomics, so results are bitwise reproducible.
+// Small fixed groups pack several teams per warp; larger or ragged groups loop with stride TEAM.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <limits>
+
+#include "launchers.h"
+
+namespace bv_blend::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kHistoryThreads = 256;
+
+template <int TEAM, typename T>
+__device__ __forceinline__ T team_sum(T value) {
+#pragma unroll
+  for (int offset = TEAM / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset, TEAM);
+  }
+  return value;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ accumulate_t<scalar_t> load(const scalar_t* p) {
+  return static_cast<accumulate_t<scalar_t>>(__ldg(p));
+}
+
+template <>
+__device__ __forceinline__ float load<c10::Half>(const c10::Half* p) {
+  return static_cast<float>(*p);
+}
+
+template <>
+__device__ __forceinline__ float load<c10::BFloat16>(const c10::BFloat16* p) {
+  return static_cast<float>(*p);
+}
+
+// Count, mean and squared deviations of the valid rewards of [start, end), identical in every
+// lane of the team. Lanes past the last group run with an empty range so the shuffles stay full.
+template <typename scalar_t, int TEAM>
+struct TeamMoments {
+  using acc_t = accumulate_t<scalar_t>;
+  int64_t count;
+  acc_t mean;
+  acc_t sq_dev;
+
+  __device__ __forceinline__ TeamMoments(const scalar_t* r, int64_t start, int64_t end, int lane) {
+    acc_t sum = 0;
+    int64_t n = 0;
+    for (int64_t i = start + lane; i < end; i += TEAM) {
+      const acc_t v = load(r + i);
+      if (!isnan(v)) {
+        sum += v;
+        ++n;
+      }
+    }
+    sum = team_sum<TEAM>(sum);
+    count = team_sum<TEAM>(n);
+    mean = count > 0 ? sum / acc_t(count) : acc_t(0);
+    acc_t sq = 0;
+    for (int64_t i = start + lane; i < end; i += TEAM) {
+      const acc_t v = load(r + i);
+      if (!isnan(v)) sq += (v - mean) * (v - mean);
+    }
+    sq_dev = team_sum<TEAM>(sq);
+  }
+};
+
+template <typename scalar_t, int TEAM>
+__global__ void __launch_bounds__(kThreads)
+    group_forward_kernel(GroupArgs args, const scalar_t* __restrict__ rewards,
+                         const accumulate_t<scalar_t>* __restrict__ batch_scale,
+                         scalar_t* __restrict__ advantages, accumulate_t<scalar_t>* group_mean,
+                         accumulate_t<scalar_t>* group_std, accumulate_t<scalar_t>* beta) {
+  using acc_t = accumulate_t<scalar_t>;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  int64_t start = 0, end = 0;
+  if (group < args.num_groups) {
+    group_bounds(args.offsets, args.group_size, group, args.num_rewards, start, end);
+  }
+  const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
+  if (group >= args.num_groups) return;
+
+  if (m.count == 0) {
+    if (lane == 0) {
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      group_mean[group] = group_std[group] = beta[group] = nan;
+    }
+    for (int64_t i = start + lane; i < end; i += TEAM) advantages[i] = scalar_t(0);
+    return;
+  }
+  const acc_t scale_of_batch = args.mode == ScaleMode::Batch ? *batch_scale : acc_t(1);
+  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(*args.hist_mean),
+                                    acc_t(*args.hist_var), acc_t(args.eps), args.mode,
+                                    scale_of_batch);
+  if (lane == 0) {
+    group_mean[group] = b.mean;
+    group_std[group] = sqrt(b.var);
+    beta[group] = b.beta;
+  }
+  for (int64_t i = start + lane; i < end; i += TEAM) {
+    const acc_t v = load(rewards + i);
+    advantages[i] = isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) / b.scale);
+  }
+}
+
+template <typename scalar_t, int TEAM>
+__global__ void __launch_bounds__(kThreads)
+    group_backward_kernel(GroupArgs args, const scalar_t* __restrict__ rewards,
+                          const scalar_t* __restrict__ grad,
+                          const accumulate_t<scalar_t>* __restrict__ batch_scale,
+                          const accumulate_t<scalar_t>* __restrict__ batch_mean,
+                          const accumulate_t<scalar_t>* __restrict__ batch_coef,
+                          scalar_t* __restrict__ grad_rewards) {
+  using acc_t = accumulate_t<scalar_t>;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM;
+  const int lane = threadIdx.x % TEAM;
+  int64_t start = 0, end = 0;
+  if (group < args.num_groups) {
+    group_bounds(args.offsets, args.group_size, group, args.num_rewards, start, end);
+  }
+  const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
+  acc_t sum_grad = 0, sum_grad_centered = 0;
+  for (int64_t i = start + lane; i < end; i += TEAM) {
+    const acc_t v = load(rewards + i);
+    if (isnan(v)) continue;
+    const acc_t g = load(grad + i);
+    sum_grad += g;
+    sum_grad_centered += g * (v - m.mean);
+  }
+  sum_grad = team_sum<TEAM>(sum_grad);
+  sum_grad_centered = team_sum<TEAM>(sum_grad_centered);
+  if (group >= args.num_groups) return;
+
+  if (m.count == 0) {
+    for (int64_t i = start + lane; i < end; i += TEAM) grad_rewards[i] = scalar_t(0);
+    return;
+  }
+  const bool batch = args.mode == ScaleMode::Batch;
+  const acc_t h = acc_t(*args.hist_mean), u = acc_t(*args.hist_var);
+  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, h, u, acc_t(args.eps), args.mode,
+                                    batch ? *batch_scale : acc_t(1));
+  const auto c = group_gradient<acc_t>(b, h, u, args.mode, sum_grad, sum_grad_centered);
+  const acc_t coef = batch ? *batch_coef : acc_t(0);
+  const acc_t center = batch ? *batch_mean : acc_t(0);
+  for (int64_t i = start + lane; i < end; i += TEAM) {
+    const acc_t v = load(rewards + i);
+    grad_rewards[i] = isnan(v) ? scalar_t(0)
+                               : static_cast<scalar_t>(c.self * load(grad + i) + c.shift +
+                                                       c.deviation * (v - m.mean) +
+                                                       coef * (v - center));
+  }
+}
+
+// One block: the pushes of a call are ranked by an exclusive scan over "group has a valid reward",
+// so each of the last `window` valid means lands in its ring slot in parallel, and the EMA after m
+// pushes is evaluated in closed form, (1-α)^m·H + Σ_k α(1-α)^(m-1-k)·μ_k, with a fixed-order
+// block reduction. Then the ring's variance is refreshed for the next call.
+template <typename acc_t>
+__global__ void __launch_bounds__(kHistoryThreads)
+    update_history_kernel(const acc_t* __restrict__ group_mean, int64_t num_groups, double* ring,
+                          int64_t window, int64_t* count, double* ema, double* var, double alpha,
+                          int64_t min_history) {
+  using CountReduce = cub::BlockReduce<int64_t, kHistoryThreads>;
+  using CountScan = cub::BlockScan<int64_t, kHistoryThreads>;
+  using SumReduce = cub::BlockReduce<double, kHistoryThreads>;
+  __shared__ union {
+    typename CountReduce::TempStorage count_reduce;
+    typename CountScan::TempStorage scan;
+    typename SumReduce::TempStorage sum;
+  } temp;
+  __shared__ int64_t shared_int;
+  __shared__ double shared_double;
+  const int tid = threadIdx.x;
+  const int64_t pushed_before = *count;
+  const double ema_before = *ema;
+
+  int64_t local_valid = 0;
+  for (int64_t g = tid; g < num_groups; g += kHistoryThreads) local_valid += !isnan(group_mean[g]);
+  const int64_t total_valid = CountReduce(temp.count_reduce).Sum(local_valid);
+  if (tid == 0) shared_int = total_valid;
+  __syncthreads();
+  const int64_t pushes = shared_int;
+  __syncthreads();
+
+  const double keep = 1.0 - alpha;
+  double weighted = 0;
+  int64_t carry = 0;
+  for (int64_t base = 0; base < num_groups; base += kHistoryThreads) {
+    const int64_t g = base + tid;
+    const bool valid = g < num_groups && !isnan(group_mean[g]);
+    int64_t rank, chunk_valid;
+    CountScan(temp.scan).ExclusiveSum(int64_t(valid), rank, chunk_valid);
+    __syncthreads();
+    rank += carry;
+    carry += chunk_valid;
+    if (valid) {
+      const double mu = static_cast<double>(group_mean[g]);
+      if (rank >= pushes - window) ring[(pushed_before + rank) % window] = mu;
+      weighted += alpha * pow(keep, static_cast<double>(pushes - 1 - rank)) * mu;
+    }
+  }
+  const double weighted_sum = SumReduce(temp.sum).Sum(weighted);
+  __syncthreads();
+
+  const int64_t pushed_after = pushed_before + pushes;
+  const int64_t entries = pushed_after < window ? pushed_after : window;
+  double result_var = 0;
+  if (entries >= (min_history > 2 ? min_history : 2)) {
+    double local = 0;
+    for (int64_t i = tid; i < entries; i += kHistoryThreads) local += ring[i];
+    const double sum = SumReduce(temp.sum).Sum(local);
+    if (tid == 0) shared_double = sum / static_cast<double>(entries);
+    __syncthreads();
+    const double mean = shared_double;
+    local = 0;
+    for (int64_t i = tid; i < entries; i += kHistoryThreads) local += (ring[i] - mean) * (ring[i] - mean);
+    result_var = SumReduce(temp.sum).Sum(local) / static_cast<double>(entries - 1);
+  }
+  if (tid == 0) {
+    *count = pushed_after;
+    *ema = pow(keep, static_cast<double>(pushes)) * ema_before + weighted_sum;
+    *var = result_var;
+  }
+}
+
+int team_size_for(int64_t rewards_per_group) {
+  int team = 1;
+  while (team < 32 && team < rewards_per_group) team *= 2;
+  return team;
+}
+
+template <typename Launch>
+void with_team(int team, Launch&& launch) {
+  switch (team) {
+    case 1: return launch(std::integral_constant<int, 1>{});
+    case 2: return launch(std::integral_constant<int, 2>{});
+    case 4: return launch(std::integral_constant<int, 4>{});
+    case 8: return launch(std::integral_constant<int, 8>{});
+    case 16: return launch(std::integral_constant<int, 16>{});
+    default: return launch(std::integral_constant<int, 32>{});
+  }
+}
+
+int team_for(const GroupArgs& args) {
+  const int64_t per_group =
+      args.offsets == nullptr ? args.group_size
+                              : (args.num_rewards + args.num_groups - 1) / args.num_groups;
+  return team_size_for(per_group);
+}
+
+unsigned blocks_for(int64_t num_groups, int team) {
+  return static_cast<unsigned>((num_groups * team + kThreads - 1) / kThreads);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void launch_group_forward(const GroupArgs& args, const scalar_t* rewards,
+                          const accumulate_t<scalar_t>* batch_scale, scalar_t* advantages,
+                          accumulate_t<scalar_t>* group_mean, accumulate_t<scalar_t>* group_std,
+                          accumulate_t<scalar_t>* beta, cudaStream_t stream) {
+  if (args.num_groups == 0) return;
+  const int team = team_for(args);
+  with_team(team, [&](auto team_constant) {
+    constexpr int TEAM = decltype(team_constant)::value;
+    group_forward_kernel<scalar_t, TEAM><<<blocks_for(args.num_groups, TEAM), kThreads, 0, stream>>>(
+        args, rewards, batch_scale, advantages, group_mean, group_std, beta);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_group_backward(const GroupArgs& args, const scalar_t* rewards,
+                           const scalar_t* grad_advantages, const accumulate_t<scalar_t>* batch_scale,
+                           const accumulate_t<scalar_t>* batch_mean,
+                           const accumulate_t<scalar_t>* batch_coef, scalar_t* grad_rewards,
+                           cudaStream_t stream) {
+  if (args.num_groups == 0) return;
+  const int team = team_for(args);
+  with_team(team, [&](auto team_constant) {
+    constexpr int TEAM = decltype(team_constant)::value;
+    group_backward_kernel<scalar_t, TEAM><<<blocks_for(args.num_groups, TEAM), kThreads, 0, stream>>>(
+        args, rewards, grad_advantages, batch_scale, batch_mean, batch_coef, grad_rewards);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void launch_update_history(const acc_t* group_mean, int64_t num_groups, double* ring,
+                           int64_t window, int64_t* count, double* ema, double* var, double alpha,
+                           int64_t min_history, cudaStream_t stream) {
+  if (num_groups == 0) return;
+  update_history_kernel<acc_t><<<1, kHistoryThreads, 0, stream>>>(
+      group_mean, num_groups, ring, window, count, ema, var, alpha, min_history);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define BV_BLEND_INSTANTIATE(scalar_t)                                                          \
+  template void launch_group_forward<scalar_t>(const GroupArgs&, const scalar_t*,               \
+                                               const accumulate_t<scalar_t>*, scalar_t*,         \
+                                               accumulate_t<scalar_t>*, accumulate_t<scalar_t>*, \
+                                               accumulate_t<scalar_t>*, cudaStream_t);           \
+  template void launch_group_backward<scalar_t>(                                                \
+      const GroupArgs&, const scalar_t*, const scalar_t*, const accumulate_t<scalar_t>*,        \
+      const accumulate_t<scalar_t>*, const accumulate_t<scalar_t>*, scalar_t*, cudaStream_t);
+
+BV_BLEND_INSTANTIATE(c10::Half)
+BV_BLEND_INSTANTIATE(c10::BFloat16)
+BV_BLEND_INSTANTIATE(float)
+BV_BLEND_INSTANTIATE(double)
+#undef BV_BLEND_INSTANTIATE
+
+template void launch_update_history<float>(const float*, int64_t, double*, int64_t, int64_t*,
+                                           double*, double*, double, int64_t, cudaStream_t);
+template void launch_update_history<double>(const double*, int64_t, double*, int64_t, int64_t*,
+                                            double*, double*, double, int64_t, cudaStream_t);
+
+}  // namespace bv_blend::cuda
