@@ -210,6 +210,8 @@ def test_history_on_follows_the_contract_and_departs_from_trl(model_dir, tmp_pat
     # Once the window holds two group means, the history moves the advantages off TRL's.
     last = trainer.calls[-1]["advantages"]
     assert not torch.allclose(last, trl_advantages[-1], rtol=1e-3, atol=1e-3)
+    # The completions-table log (one generation batch long) shows the advantages trained on.
+    assert list(trainer._logs["advantages"]) == last.tolist()
 
     # TRL's NaN semantics survive: unscorable rows get a zero advantage (the fixture's reward
     # functions produced some, which keeps this check meaningful).
