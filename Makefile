@@ -1,0 +1,69 @@
+SHELL := /bin/bash
+# One entry point for people and CI. `make test` works on a fresh clone: it creates .venv,
+# installs torch 2.14.1 and the package with its [dev] extras, builds the extension, then runs
+# ctest and pytest. `make gpu-check` is the prepared command for a lent GPU machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bv-blend-installed
+TORCH_VERSION ?= 2.14.1
+
+# nvcc compiles the CUDA kernels even where no GPU is visible; torch's own guess of the toolkit
+# from the /usr/local/bin/nvcc wrapper is wrong, so point it at the real one when present.
+CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda)
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: test build ctest pytest train bench gpu-check clean
+
+test: ctest pytest
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) setuptools wheel ninja pybind11
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+	mkdir -p build && touch build/.ext-built
+
+# The editable install above compiled the extension; after a change under csrc/, rebuild it in
+# place (ninja then recompiles only what changed).
+build/.ext-built: $(STAMP) $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: build/.ext-built
+
+ctest: build
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DCUDA_TOOLKIT_ROOT_DIR=$(or $(CUDA_HOME),/usr/local/cuda) -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
+
+pytest: build
+	$(PY) -m pytest -q
+
+train: build
+	$(PY) -m bv_blend train --config configs/train_default.yaml
+
+bench: build
+	$(PY) benchmarks/bench_op.py
+
+# On a lent GPU machine: its own python3 (no .venv there), built in place for Hopper, the CUDA
+# tests, compute-sanitizer over the op's CUDA tests, and the op benchmark. Results go to $$OUT.
+GPU_OUT ?= $(or $(OUT),gpu-check-out)
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
+	set -o pipefail; python3 -m pytest -q -rs tests/test_op_functional.py tests/test_op_module.py \
+		tests/test_op_errors.py tests/test_op_cuda.py 2>&1 | tee $(GPU_OUT)/pytest.log
+	set -o pipefail; compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x \
+		tests/test_op_cuda.py 2>&1 | tail -20 | tee $(GPU_OUT)/memcheck.log
+	set -o pipefail; compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x \
+		tests/test_op_cuda.py 2>&1 | tail -20 | tee $(GPU_OUT)/racecheck.log
+	python3 benchmarks/bench_op.py --device cuda --out-dir $(GPU_OUT) 2>&1 | tee $(GPU_OUT)/bench.log
+
+clean:
+	rm -rf build bv_blend_ext/*.so
