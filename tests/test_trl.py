@@ -190,7 +190,8 @@ def test_history_off_reproduces_trl_advantages(model_dir, tmp_path, trl_advantag
 
     assert len(trl_advantages) == len(trainer.calls) == 2
     for ours, theirs in zip((c["advantages"] for c in trainer.calls), trl_advantages):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        # Up to float32 rounding: the op and TRL sum the group statistics in a different order.
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     assert int(trainer.bv_blend.state_dict()["count"]) == 0, "history moved while disabled"
 
 
