@@ -4,6 +4,17 @@ out as session fixtures rather than imported."""
 import pytest
 import torch
 
+# Advantages are rounded to the rewards' dtype at the very end, so two correct implementations
+# (op and reference, CPU and CUDA) can differ by one unit in the last place of that dtype; the
+# statistics stay in float32 (float64 for float64 rewards).
+ADVANTAGE_TOL = {
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+}
+STAT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
 
 def _ragged_rewards(num_groups, max_size, dtype, seed, nan_fraction=0.1, device="cpu"):
     """Continuous rewards in ragged groups of 0..max_size rewards, with NaNs sprinkled in.
@@ -20,6 +31,29 @@ def _bits(tensor):
     """The exact bit pattern of a tensor, so that NaNs compare equal and -0.0 differs from 0.0."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     return tensor.detach().contiguous().view(ints[tensor.element_size()])
+
+
+def _assert_blend_close(got, want, dtype, advantage_atol=None):
+    """Two BlendOutputs of `dtype` rewards agree: dtypes exactly, values to ADVANTAGE_TOL and
+    STAT_TOL, NaN statistics where the other has them. `advantage_atol` loosens the advantages'
+    absolute tolerance for continuous rewards, where nearly equal pairs give tiny σ and rounding
+    of r - B is divided by ~σ + eps."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.advantages.dtype == dtype
+    assert [t.dtype for t in got[1:]] == [acc, acc, acc]
+    tol = dict(ADVANTAGE_TOL[dtype])
+    if advantage_atol is not None:
+        tol["atol"] = advantage_atol
+    torch.testing.assert_close(got.advantages.cpu(), want.advantages.cpu(), equal_nan=True, **tol)
+    for name in ("group_mean", "group_std", "beta"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name).cpu(),
+                                   equal_nan=True, **STAT_TOL[acc],
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture(scope="session")
+def assert_blend_close():
+    return _assert_blend_close
 
 
 @pytest.fixture(scope="session")

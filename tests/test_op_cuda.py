@@ -1,0 +1,272 @@
+"""The CUDA kernels: parity with the CPU op, bitwise determinism, CUDA-graph capture of the
+stateful step, the current (non-default) stream, device guards on cuda:1, and device-mismatch
+errors. Every test needs a GPU and is skipped without one."""
+
+import pytest
+import torch
+
+import bv_blend_ext
+from bv_blend_ext import reference
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+NAN = float("nan")
+SCALES = ("group", "blend", "batch", "none")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OPS = torch.ops.bv_blend
+
+
+def special_groups(dtype, device="cpu"):
+    """Ragged groups with every corner of the contract: NaNs, n = 1, empty, all-NaN, all-equal,
+    and groups larger than a warp and a block."""
+    gen = torch.Generator().manual_seed(11)
+    groups = [
+        torch.tensor([1.0, NAN, 3.0]), torch.tensor([2.5]), torch.tensor([]),
+        torch.tensor([NAN, NAN]), torch.full((7,), 0.75), torch.randn(33, generator=gen),
+        torch.randn(1500, generator=gen), torch.randn(64, generator=gen),
+    ]
+    rewards = torch.cat(groups).to(torch.float64)
+    offsets = torch.tensor([0] + [len(g) for g in groups]).cumsum(0)
+    return rewards.to(device=device, dtype=dtype), offsets.to(device)
+
+
+def on(device, rewards, offsets):
+    return rewards.to(device), None if offsets is None else offsets.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("ragged", "special", 1, 2, 7, 16, 64, 100))
+def test_parity_with_cpu(layout, scale, dtype, ragged_rewards, assert_blend_close):
+    if layout == "ragged":
+        rewards, offsets = ragged_rewards(2000, 40, dtype, seed=12)
+    elif layout == "special":
+        rewards, offsets = special_groups(dtype)
+    else:  # fixed group size: many groups of 1..100
+        gen = torch.Generator().manual_seed(13)
+        rewards, offsets = (torch.rand(layout * 1000, generator=gen) * 3).to(dtype), None
+        rewards[::17] = NAN
+    group_size = None if offsets is not None else layout
+    kwargs = dict(offsets=offsets, hist_mean=0.4, hist_var=0.7, scale=scale)
+    want = bv_blend_ext.blend_advantages(rewards, group_size, **kwargs)
+    cuda_rewards, cuda_offsets = on("cuda", rewards, offsets)
+    got = bv_blend_ext.blend_advantages(cuda_rewards, group_size,
+                                        **{**kwargs, "offsets": cuda_offsets})
+    assert all(t.device.type == "cuda" for t in got)
+    assert_blend_close(got, want, dtype,
+                       advantage_atol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_backward_parity_with_cpu(scale, dtype, ragged_rewards):
+    rewards, offsets = ragged_rewards(500, 20, dtype, seed=14)
+    grad_out = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(15), dtype=dtype)
+    grads = []
+    for device in ("cpu", "cuda"):
+        r, o = on(device, rewards, offsets)
+        r.requires_grad_()
+        out = bv_blend_ext.blend_advantages(r, offsets=o, hist_mean=0.4, hist_var=0.7, scale=scale)
+        (grad,) = torch.autograd.grad(out.advantages, r, grad_out.to(device))
+        grads.append(grad.cpu())
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_gradcheck_cuda(scale):
+    rewards, offsets = special_groups(torch.float64, "cuda")
+    rewards, offsets = rewards[:50].clone().requires_grad_(), offsets[:6].clone()
+    offsets[-1] = 50  # cut the large groups so that gradcheck stays quick
+
+    def advantages(r):
+        return bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=0.8, hist_var=0.6,
+                                             scale=scale).advantages
+
+    assert torch.autograd.gradcheck(advantages, (rewards,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_opcheck_cuda(layout):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], device="cuda",
+                           dtype=torch.float64, requires_grad=True)
+    # No empty group: opcheck compares outputs without equal_nan.
+    offsets, group_size = ((None, 4) if layout == "fixed"
+                           else (torch.tensor([0, 3, 4, 8], device="cuda"), 0))
+    h = torch.tensor(0.4, dtype=torch.float64, device="cuda")
+    u = torch.tensor(0.9, dtype=torch.float64, device="cuda")
+    for scale in SCALES:
+        torch.library.opcheck(OPS.group_advantages.default,
+                              (rewards, offsets, group_size, h, u, 1e-4, scale))
+        r = rewards.detach()
+        advantages = OPS.group_advantages(r, offsets, group_size, h, u, 1e-4, scale)[0]
+        torch.library.opcheck(OPS.group_advantages_backward.default,
+                              (torch.ones_like(r), advantages, r, offsets, group_size, h, u, 1e-4,
+                               scale))
+    state = (torch.zeros(4, dtype=torch.float64, device="cuda"),
+             torch.tensor(2, device="cuda"), torch.tensor(0.7, dtype=torch.float64, device="cuda"),
+             torch.tensor(0.0, dtype=torch.float64, device="cuda"))
+    group_mean = torch.tensor([1.0, NAN, 3.0, 5.0, -2.0], device="cuda")
+    torch.library.opcheck(OPS.update_history.default, (group_mean, *state, 0.25, 2))
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_bitwise_deterministic_across_runs(scale, ragged_rewards, bits):
+    rewards, offsets = ragged_rewards(50000, 40, torch.float32, seed=16, device="cuda")
+    fixed = torch.randn(65536 * 16, device="cuda")
+    grad_out = torch.randn(rewards.shape, device="cuda")
+
+    def run():
+        r = rewards.clone().requires_grad_()
+        out = bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=0.2, hist_var=0.9,
+                                            scale=scale)
+        (grad,) = torch.autograd.grad(out.advantages, r, grad_out)
+        fixed_out = bv_blend_ext.blend_advantages(fixed, 16, hist_mean=0.2, hist_var=0.9,
+                                                  scale=scale)
+        return [bits(t) for t in (*out, grad, *fixed_out)]
+
+    first = run()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+def assert_history(est, hist, rtol):
+    assert int(est.count) == hist.count
+    torch.testing.assert_close(est.ring.cpu(), torch.tensor(hist.ring, dtype=torch.float64),
+                               rtol=rtol, atol=rtol)
+    torch.testing.assert_close(est.history_mean.item(), hist.ema, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(est.history_var.item(), hist.variance, rtol=rtol, atol=rtol)
+
+
+def test_stateful_step_matches_reference(ragged_rewards):
+    settings = dict(window=6, ema_decay=0.3, initial_baseline=0.5, min_history=3)
+    est = bv_blend_ext.BVBlend(**settings, scale="blend")
+    ref = reference.HistoryReference(**settings)
+    mirror = reference.HistoryReference(**settings)  # fed the estimator's own group means
+    for seed in range(5):
+        rewards, offsets = ragged_rewards(4, 6, torch.float32, seed=20 + seed)
+        got = est(rewards.cuda(), offsets=offsets.cuda())
+        want = ref.step(rewards, offsets=offsets, scale="blend")
+        assert got.device.type == "cuda" and est.ring.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want.advantages, rtol=1e-5, atol=1e-4)
+        mirror.push(est.last_stats.group_mean.cpu())
+        assert_history(est, mirror, 1e-12)
+        assert_history(est, ref, 1e-5)
+
+
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout, ragged_rewards):
+    settings = dict(window=5, ema_decay=0.3, initial_baseline=0.1, min_history=2)
+    est = bv_blend_ext.BVBlend(**settings, scale="blend").cuda()
+    ref = reference.HistoryReference(**settings)
+    if layout == "fixed":
+        batches = [torch.randn(24, generator=torch.Generator().manual_seed(s)) for s in range(7)]
+        groups, cpu_groups = dict(group_size=8), dict(group_size=8)
+    else:
+        first, offsets = ragged_rewards(5, 6, torch.float32, seed=30)
+        gen = torch.Generator().manual_seed(31)
+        batches = [first + i + torch.randn(first.shape, generator=gen) for i in range(7)]
+        # validate=False: checking offsets' values would read them on the host, which a capture
+        # forbids.
+        groups = dict(offsets=offsets.cuda(), validate=False)
+        cpu_groups = dict(offsets=offsets)
+    static_rewards = torch.zeros(batches[0].shape, device="cuda")
+
+    # Warm-up steps on a side stream, as torch.cuda.graphs requires; they are real steps.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for rewards in batches[:2]:
+            static_rewards.copy_(rewards)
+            est(static_rewards, **groups)
+            ref.step(rewards, **cpu_groups, scale="blend")
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = {name: t.clone() for name, t in est.state_dict().items()}
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_advantages = est(static_rewards, **groups)
+    torch.cuda.synchronize()
+    # Capturing records the step without running it.
+    for name, value in est.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    for rewards in batches[2:]:
+        static_rewards.copy_(rewards)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = ref.step(rewards, **cpu_groups, scale="blend")
+        torch.testing.assert_close(static_advantages.cpu(), want.advantages, rtol=1e-5, atol=1e-4)
+        assert_history(est, ref, 1e-5)
+
+
+def test_respects_the_current_stream(ragged_rewards):
+    rewards, offsets = ragged_rewards(3000, 20, torch.float32, seed=40, device="cuda")
+    settings = dict(window=8, ema_decay=0.2, min_history=2)
+    want = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_mean=0.3, hist_var=0.5)
+    want_step = bv_blend_ext.BVBlend(**settings).cuda()(rewards, offsets=offsets)
+    est = bv_blend_ext.BVBlend(**settings).cuda()
+    target = torch.zeros_like(rewards)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        # The sleep holds `stream` back; a kernel launched on any other stream would run before
+        # the copy and read zeros. validate=False avoids a host sync that could hide that.
+        torch.cuda._sleep(100_000_000)
+        target.copy_(rewards)
+        got = bv_blend_ext.blend_advantages(target, offsets=offsets, hist_mean=0.3, hist_var=0.5,
+                                            validate=False)
+        got_step = est(target, offsets=offsets, validate=False)
+    stream.synchronize()
+    assert torch.equal(got.advantages, want.advantages)
+    assert torch.equal(got_step, want_step)
+
+
+def test_device_mismatch_errors():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 0.5], device="cuda")
+    cpu_offsets = torch.tensor([0, 2, 4])
+    with pytest.raises((ValueError, TypeError), match=r"\boffsets\b"):
+        bv_blend_ext.blend_advantages(rewards, offsets=cpu_offsets)
+    with pytest.raises((ValueError, TypeError), match=r"\bhist_mean\b"):
+        bv_blend_ext.blend_advantages(rewards, 2, hist_mean=torch.tensor(0.0))
+    h = torch.tensor(0.0, dtype=torch.float64, device="cuda")
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=r"\boffsets\b"):
+        OPS.group_advantages(rewards, cpu_offsets, 0, h, h, 1e-4, "blend")
+
+    est = bv_blend_ext.BVBlend(window=4)
+    est(rewards, 2)
+    before = {name: t.clone() for name, t in est.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=r"\boffsets\b"):
+        est(rewards, offsets=cpu_offsets)
+    for name, value in est.state_dict().items():
+        assert torch.equal(value, before[name]) and value.device.type == "cuda", name
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu(ragged_rewards):
+    # The current device stays cuda:0 while everything lives on cuda:1: the kernels must set a
+    # device guard from their inputs.
+    rewards, offsets = ragged_rewards(200, 12, torch.float32, seed=50)
+    want = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_mean=0.2, hist_var=0.6)
+    weights = torch.linspace(-1, 1, rewards.numel())
+    cpu_rewards = rewards.clone().requires_grad_()
+    (bv_blend_ext.blend_advantages(cpu_rewards, offsets=offsets, hist_mean=0.2,
+                                   hist_var=0.6).advantages * weights).sum().backward()
+    with torch.cuda.device(0):
+        r = rewards.to("cuda:1").requires_grad_()
+        got = bv_blend_ext.blend_advantages(r, offsets=offsets.to("cuda:1"), hist_mean=0.2,
+                                            hist_var=0.6)
+        (got.advantages * weights.to("cuda:1")).sum().backward()
+        est = bv_blend_ext.BVBlend(window=4)
+        step = est(rewards.to("cuda:1"), offsets=offsets.to("cuda:1"))
+        torch.cuda.synchronize(1)
+    assert all(t.device == torch.device("cuda:1") for t in (*got, r.grad, step, est.ring))
+    torch.testing.assert_close(got.advantages.cpu(), want.advantages, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(r.grad.cpu(), cpu_rewards.grad, rtol=1e-4, atol=1e-3)
+    hist = reference.HistoryReference(window=4)
+    hist.step(rewards, offsets=offsets)
+    assert_history(est, hist, 1e-5)
