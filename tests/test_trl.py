@@ -50,7 +50,8 @@ def make_args(output_dir, **overrides):
         output_dir=str(output_dir), num_generations=4, per_device_train_batch_size=8,
         max_completion_length=8, max_steps=3, learning_rate=1e-3, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-        reward_weights=REWARD_WEIGHTS, bv_window=8)
+        # A window shorter than the 8 group means of a 4-step run, so the ring wraps around.
+        reward_weights=REWARD_WEIGHTS, bv_window=6)
     settings.update(overrides)
     return BVBlendGRPOConfig(**settings)
 
@@ -90,11 +91,11 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), arch="llama", seed=0)
 
 
-def make_trainer(model_dir, args, trainer_class=RecordingTrainer, **kwargs):
+def make_trainer(model_dir, args, **kwargs):
     model, tokenizer = load_model_and_tokenizer(model_dir)
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
-    return trainer_class(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS,
-                         args=args, train_dataset=dataset, **kwargs)
+    return RecordingTrainer(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS,
+                            args=args, train_dataset=dataset, **kwargs)
 
 
 @pytest.fixture
@@ -269,8 +270,9 @@ def _distributed_worker(out_dir, model_dir):
     args = make_args(out_dir, per_device_train_batch_size=4, num_generations=8, max_steps=3)
     trainer = make_trainer(model_dir, args)
     trainer.train()
-    torch.save({"calls": trainer.calls, "state": trainer.bv_blend.state_dict(),
-                "history": (trainer.bv_blend.history_mean.item(), trainer.bv_blend.history_var.item()),
+    estimator = trainer.bv_blend
+    torch.save({"calls": trainer.calls, "state": estimator.state_dict(),
+                "history": (estimator.history_mean.item(), estimator.history_var.item()),
                 "rank": trainer.accelerator.process_index,
                 "world": trainer.accelerator.num_processes},
                os.path.join(out_dir, f"rank{trainer.accelerator.process_index}.pt"))

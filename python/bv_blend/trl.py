@@ -34,9 +34,9 @@ def check_trl_version(version: str) -> None:
     """Raise ImportError unless `version` is a TRL release this integration was tested against."""
     if not SpecifierSet(SUPPORTED_TRL).contains(version, prereleases=True):
         raise ImportError(
-            f"bv_blend.trl supports trl{SUPPORTED_TRL} but trl {version} is installed; it relies on "
-            f"GRPOTrainer internals that differ between TRL releases. Install a supported TRL with "
-            f"`pip install 'bv-blend-ext[trl]'` (or 'trl{SUPPORTED_TRL}').")
+            f"bv_blend.trl supports trl{SUPPORTED_TRL} but trl {version} is installed; it relies "
+            f"on GRPOTrainer internals that differ between TRL releases. Install a supported TRL "
+            f"with `pip install 'bv-blend-ext[trl]'` (or 'trl{SUPPORTED_TRL}').")
 
 
 try:
