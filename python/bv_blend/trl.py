@@ -165,7 +165,8 @@ class BVBlendGRPOTrainer(GRPOTrainer):
         if not self.args.bv_use_history:
             hist_mean, hist_var = 0.0, 0.0
         else:
-            # Read before the call: the estimator reports the history the NEXT call will use.
+            # As floats before the call: the estimator's properties are its live buffers, which
+            # the call overwrites with the history the NEXT batch will use.
             hist_mean = self.bv_blend.history_mean.item()
             hist_var = self.bv_blend.history_var.item()
         if self.args.bv_use_history and mode == "train":
