@@ -3,6 +3,8 @@
 Depends on torch only; the trainer and the TRL integration live in the `bv_blend` package.
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (loads the compiled library, which registers torch.ops.bv_blend)
 from . import _registrations  # noqa: F401
 from . import reference

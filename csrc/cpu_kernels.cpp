@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "bv_blend_math.h"
 #include "op_common.h"
@@ -50,6 +51,64 @@ GroupMoments<scalar_t, acc_t> group_moments(const scalar_t* r, int64_t start, in
   return m;
 }
 
+// Sum of term(i) over [0, n) in fixed chunks combined in order: the same bits for any thread
+// count (ATen's own CPU reductions split work by thread count, which changes the rounding).
+template <typename Term>
+double deterministic_sum(int64_t n, const Term& term) {
+  const int64_t chunks = (n + kRewardsPerTask - 1) / kRewardsPerTask;
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double sum = 0;
+      const int64_t end = std::min(n, (c + 1) * kRewardsPerTask);
+      for (int64_t i = c * kRewardsPerTask; i < end; ++i) sum += term(i);
+      partial[c] = sum;
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+struct CpuBatchMoments {
+  double mean = 0;
+  double std = 0;
+  double count = 0;
+};
+
+// scale="batch" statistics of the non-NaN rewards, deterministic across thread counts.
+CpuBatchMoments cpu_batch_moments(const at::Tensor& rewards) {
+  CpuBatchMoments m;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
+                                  "batch_moments_cpu", [&] {
+    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    const int64_t n = rewards.numel();
+    auto value = [&](int64_t i) { return static_cast<double>(r[i]); };
+    m.count = deterministic_sum(n, [&](int64_t i) { return std::isnan(value(i)) ? 0.0 : 1.0; });
+    const double sum = deterministic_sum(n, [&](int64_t i) {
+      return std::isnan(value(i)) ? 0.0 : value(i);
+    });
+    m.mean = m.count > 0 ? sum / m.count : 0.0;
+    const double sq = deterministic_sum(n, [&](int64_t i) {
+      return std::isnan(value(i)) ? 0.0 : (value(i) - m.mean) * (value(i) - m.mean);
+    });
+    m.std = m.count >= 2 ? std::sqrt(sq / (m.count - 1)) : 0.0;
+  });
+  return m;
+}
+
+// d loss / d (batch scale) folded into grad_j += coef * (r_j - batch_mean); zero when std is 0.
+double cpu_batch_scale_coefficient(const CpuBatchMoments& m, const at::Tensor& grad,
+                                   const at::Tensor& advantages, double eps) {
+  if (!(m.std > 0)) return 0.0;
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  const at::Tensor a = advantages.to(at::kDouble).contiguous();
+  const double* gp = g.data_ptr<double>();
+  const double* ap = a.data_ptr<double>();
+  const double grad_dot_adv = deterministic_sum(g.numel(), [&](int64_t i) { return gp[i] * ap[i]; });
+  return -grad_dot_adv / (m.std + eps) / ((m.count - 1) * m.std);
+}
+
 struct Layout {
   const int64_t* offsets;
   int64_t group_size;
@@ -76,8 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
   const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
   const double h = hist_mean.item<double>();
   const double u = hist_var.item<double>();
-  const double batch_scale =
-      mode == ScaleMode::Batch ? batch_moments(rewards).std.item<double>() + eps : 1.0;
+  const double batch_scale = mode == ScaleMode::Batch ? cpu_batch_moments(rewards).std + eps : 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_cpu", [&] {
@@ -136,10 +194,10 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
   const double u = hist_var.item<double>();
   double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
   if (mode == ScaleMode::Batch) {
-    const BatchMoments moments = batch_moments(rewards);
-    batch_scale = moments.std.item<double>() + eps;
-    batch_mean = moments.mean.item<double>();
-    batch_coef = batch_scale_coefficient(moments, grad, advantages, eps).item<double>();
+    const CpuBatchMoments moments = cpu_batch_moments(rewards);
+    batch_scale = moments.std + eps;
+    batch_mean = moments.mean;
+    batch_coef = cpu_batch_scale_coefficient(moments, grad, advantages, eps);
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),

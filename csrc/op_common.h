@@ -1,5 +1,6 @@
-// Device-independent halves of the op implementations: argument checks, output allocation and
-// the batch-wide moments of scale="batch" (composed from ATen ops, so identical on every device).
+// Device-independent halves of the op implementations: argument checks and output allocation,
+// and the batch-wide moments of scale="batch" composed from ATen ops (used on CUDA, where ATen's
+// reductions are run-to-run deterministic; the CPU kernels reduce in fixed chunks instead).
 #pragma once
 
 #include <ATen/core/Tensor.h>
