@@ -88,13 +88,10 @@ def _stateful_step(rewards, offsets, group_size: int, ring, count, ema, var):
     return out.advantages, ring, count, ema, var
 
 
-_compiled_step = None
-
 
 def build(case: str, impl: str, size: Size, device: str):
     """A zero-argument callable running one `case` with `impl`, or None where it does not apply.
     The first call of a `compile` callable compiles it."""
-    global _compiled_step
     rewards, offsets = make_inputs(size, device)
     k = None if size.ragged else size.group_size
     h = torch.tensor(HIST_MEAN, dtype=torch.float64, device=device)
@@ -105,6 +102,10 @@ def build(case: str, impl: str, size: Size, device: str):
         return None
     if impl == "op_raw" and case == "forward+backward":
         return None
+    if impl == "compile":
+        # Inductor's CPU kernels are specialised on the thread count, which dynamo's guards do
+        # not check: compile afresh for every case, size and thread setting.
+        torch._dynamo.reset()
 
     if case in ("forward", "forward+backward"):
         if impl == "op":
@@ -148,13 +149,12 @@ def build(case: str, impl: str, size: Size, device: str):
             hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=device)
             fn = lambda: hist.step(rewards, k, offsets=offsets, eps=EPS, scale=SCALE)  # noqa: E731
         elif impl == "compile":
-            if _compiled_step is None:
-                _compiled_step = _compiled(_stateful_step)
+            step = _compiled(_stateful_step)
             hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=device)
             state = [hist.ring, hist.count, hist.ema, hist.var]
 
             def fn():
-                adv, *new_state = _compiled_step(rewards, offsets, k or 0, *state)
+                adv, *new_state = step(rewards, offsets, k or 0, *state)
                 state[:] = new_state
                 return adv
         else:
@@ -233,7 +233,6 @@ def run_config(device: str, threads: int | None, sizes, impls, budget_s: float, 
     """Times every (case, size, impl) on one device / thread setting."""
     if threads is not None:
         torch.set_num_threads(threads)
-    torch._dynamo.reset()
     rows = []
     for case in CASES:
         for size in sizes:
@@ -402,16 +401,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--loop-ref-max-groups", type=int, default=LOOP_REF_MAX_GROUPS,
                    help="time the Python-loop reference only up to this many groups")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results root")
+    p.add_argument("--out-dir", type=Path, default=RESULTS,
+                   help="results root: files go to <out-dir>/<device-name>/")
     args = p.parse_args(argv)
     LOOP_REF_MAX_GROUPS = min(args.loop_ref_max_groups, 64) if args.quick else args.loop_ref_max_groups
 
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     budget_s, repeats = (0.01, 3) if args.quick else (0.25, 7)
     impls = [i for i in IMPLS if not (i == "compile" and (args.quick or args.no_compile))]
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.cache_size_limit = 256
 
     devices = []
     if args.device in ("cpu", "all"):
@@ -430,7 +427,7 @@ def main(argv=None) -> int:
         else:
             rows += run_config("cuda", None, sizes, impls, budget_s, repeats)
         clone = clone_ratio(budget_s, repeats) if device == "cuda" and not args.quick else None
-        out = args.out / device_dir(device)
+        out = args.out_dir / device_dir(device)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "op.csv", rows)
         command = " ".join(["python benchmarks/bench_op.py", *(sys.argv[1:] if argv is None else argv)])

@@ -4,8 +4,9 @@ A task is P prompts, each a categorical policy over C candidate answers; answer 
 succeeds with probability q[p, a] (a Bernoulli reward). The policy is log-linear with weights
 shared by every prompt, like an LLM's: logits[p, a] = phi[p, a] . w, with random features phi.
 The success probabilities follow a hidden direction u of the same features plus a per-prompt
-difficulty b[p]: q = sigmoid(signal * phi . u + b[p]), b[p] ~ U(difficulty), so hard prompts
-give many all-zero groups and easy ones many all-one groups.
+difficulty b[p]: q = sigmoid(signal * phi . u + b[p]), b[p] ~ U(DIFFICULTIES[difficulty]).
+"mixed" spreads the prompts from hard (many all-zero groups) to easy; "uniform" gives every
+prompt the same bias, so the history mean is a good baseline for all of them.
 
 Everything the estimators are judged against is exact:
     J(w)     = mean_p sum_a pi[p, a] q[p, a]                        (expected success)
@@ -27,21 +28,24 @@ import bv_blend_ext
 ESTIMATORS = ("grpo", "rloo", "dr_grpo", "batch", "bv_blend_group", "bv_blend")
 
 
+DIFFICULTIES = {"mixed": (-5.0, 1.0), "uniform": (-2.0, -2.0)}  # ranges of the prompt bias b
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    prompts: int = 1024
+    prompts: int = 512
     answers: int = 32
-    features: int = 16
+    features: int = 64
     signal: float = 2.0
-    difficulty: tuple[float, float] = (-5.0, 1.0)
+    difficulty: str = "mixed"  # a key of DIFFICULTIES
     batch_prompts: int = 16
     group_size: int = 8
     window: int = 100  # BVBlend's default history window
-    lr: float = 0.05  # Adam, the same for every estimator
-    steps: int = 600
-    gap_fraction: float = 0.5  # success threshold: J0 + gap_fraction (Jmax - J0)
-    warmup_steps: int = 50  # history warm-up before measuring variance at a fixed policy
-    variance_samples: int = 1000  # minibatch gradients per variance measurement
+    lr: float = 0.01  # Adam, the same for every estimator
+    steps: int = 400
+    gap_fraction: float = 0.8  # success threshold: J0 + gap_fraction (Jmax - J0)
+    warmup_steps: int = 30  # history warm-up before measuring variance at a fixed policy
+    variance_samples: int = 500  # minibatch gradients per variance measurement
 
 
 class Task:
@@ -51,7 +55,7 @@ class Task:
         self.phi = torch.randn(p, c, d, generator=g, dtype=torch.float64)
         u = torch.randn(d, generator=g, dtype=torch.float64)
         self.direction = u / u.norm()
-        lo, hi = cfg.difficulty
+        lo, hi = DIFFICULTIES[cfg.difficulty]
         bias = lo + (hi - lo) * torch.rand(p, 1, generator=g, dtype=torch.float64)
         self.q = torch.sigmoid(cfg.signal * self.phi @ self.direction + bias)
         self.j_max = float(self.q.max(1).values.mean())
