@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bv_blend_ext
@@ -26,8 +26,7 @@ equal_group = st.builds(lambda v, n: [v] * n, st.sampled_from(GRID), st.integers
 ragged_groups = st.lists(st.one_of(any_group, equal_group), min_size=0, max_size=8)
 history = dict(hist_mean=st.sampled_from(GRID), hist_var=st.sampled_from((0.0, 0.25, 1.0, 2.5)),
                eps=st.sampled_from((1e-4, 0.1, 1.0)), scale=st.sampled_from(SCALES))
-HYPOTHESIS = settings(max_examples=40, deadline=None,
-                      suppress_health_check=[HealthCheck.too_slow])
+HYPOTHESIS = settings(max_examples=40, deadline=None)
 
 
 def flatten(groups):
