@@ -31,7 +31,7 @@ class Task:
 
 def _addition(rng: random.Random) -> dict:
     a, b = rng.randrange(10), rng.randrange(10)
-    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+    return {"prompt": f"{a}+{b}=", "answer": f"{a + b:02d}"}
 
 
 def _reversal(rng: random.Random) -> dict:
@@ -41,10 +41,10 @@ def _reversal(rng: random.Random) -> dict:
 
 TASKS: dict[str, Task] = {
     task.name: task for task in (
-        Task("add", "single-digit addition '3+5=' -> '8'; partial credit per character",
-             _addition, (rewards.digit_partial_credit,), 4),
+        Task("add", "single-digit addition, two-digit answer '3+5=' -> '08'; partial credit "
+             "per character", _addition, (rewards.digit_partial_credit,), 3),
         Task("add_sparse", "single-digit addition; reward 1 only for the exact answer",
-             _addition, (rewards.exact_match,), 4),
+             _addition, (rewards.exact_match,), 3),
         Task("reverse", "reverse three digits 'rev 123:' -> '321'; partial credit per character",
              _reversal, (rewards.digit_partial_credit,), 5),
         Task("reverse_sparse", "reverse three digits; reward 1 only for the exact answer",

@@ -1,0 +1,192 @@
+"""Few-step CPU runs of the trainer on the tiny model: every estimator and loss setting trains,
+metrics and checkpoints are written, gradient accumulation equals one big batch, and a run
+interrupted by a failing reward function resumes to exactly the metrics of an uninterrupted one."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from bv_blend import GRPOConfig, GRPOTrainer
+from bv_blend.checkpoint import STATE_FILE
+from bv_blend.rewards import digit_partial_credit
+from bv_blend.tasks import get_task, prompt_source
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+REQUIRED_METRICS = (
+    "reward_mean", "reward_std", "frac_reward_zero_std", "beta_mean", "history_mean",
+    "history_var", "advantage_abs_max", "kl", "clip_ratio", "loss", "grad_norm",
+    "completion_length", "step_time", "step_time_generation", "step_time_forward_backward",
+    "step_time_advantage")
+
+
+def small_config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, batch_size=16,
+                    max_steps=2, save_steps=0, progress_bar=False, seed=0)
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("estimator", ["bv_blend", "grpo", "dr_grpo", "batch", "rloo"])
+def test_each_estimator_trains_and_writes_outputs(tmp_path, estimator):
+    config = small_config(tmp_path, estimator=estimator)
+    trainer = GRPOTrainer(config=config)
+    before = snapshot(trainer.model)
+    rows = trainer.train()
+
+    after = snapshot(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
+    assert [r["step"] for r in rows] == [1, 2]
+    assert read_metrics(config.output_dir) == rows
+    for row in rows:
+        for key in REQUIRED_METRICS:
+            assert key in row, key
+        assert row["kl"] is None  # beta = 0: no reference model, so no KL to report
+        assert 0 <= row["frac_reward_zero_std"] <= 1
+        assert row["completion_length"] <= get_task("add").max_completion_length
+        assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    if estimator == "bv_blend":
+        # The history holds the 4 group means of step 1 when step 2 runs.
+        assert rows[0]["history_var"] == 0 and rows[1]["history_var"] > 0
+        assert rows[1]["beta_mean"] > 0
+    else:
+        assert all(r["beta_mean"] == 0 and r["history_var"] == 0 for r in rows)
+    assert os.path.isfile(os.path.join(config.output_dir, "report.png"))
+    state = torch.load(os.path.join(config.output_dir, "checkpoint-2", STATE_FILE),
+                       weights_only=False)
+    assert state["step"] == 2 and state["data_position"] == 8
+    if estimator == "bv_blend":
+        assert int(state["estimator"]["count"]) == 8  # every group mean of both steps
+    assert trainer.ref_model is None
+
+
+@pytest.mark.parametrize("loss_type, beta, num_iterations", [
+    ("grpo", 0.05, 2), ("dr_grpo", 0.0, 2), ("bnpo", 0.05, 1), ("dapo", 0.05, 3)])
+def test_loss_settings_train(tmp_path, loss_type, beta, num_iterations):
+    config = small_config(tmp_path, loss_type=loss_type, beta=beta, num_iterations=num_iterations,
+                          gradient_accumulation_steps=2, learning_rate=1e-2)
+    trainer = GRPOTrainer(config=config)
+    assert (trainer.ref_model is not None) == (beta > 0)
+    rows = trainer.train()
+    for row in rows:
+        if beta > 0:
+            assert row["kl"] >= 0
+        else:
+            assert row["kl"] is None
+        assert 0 <= row["clip_ratio"] <= 1
+    if beta > 0:
+        assert rows[-1]["kl"] > 0  # the policy has moved away from the frozen reference
+    if num_iterations > 1:
+        # Later updates of a batch see a moved policy; with this learning rate some ratios leave
+        # the clip range.
+        assert any(r["clip_ratio"] > 0 for r in rows)
+    assert trainer.scheduler.last_epoch == config.max_steps * num_iterations
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_equals_one_batch(tmp_path, loss_type):
+    rows, params = [], []
+    for accumulation in (1, 4):
+        config = small_config(tmp_path / str(accumulation), loss_type=loss_type, max_steps=1,
+                              gradient_accumulation_steps=accumulation)
+        trainer = GRPOTrainer(config=config)
+        rows.append(trainer.train()[0])
+        params.append(snapshot(trainer.model))
+    # Adam's first update is blind to the gradient's scale, so the norm of the accumulated
+    # gradient (and the loss) is what shows a wrong normalisation.
+    assert rows[1]["grad_norm"] == pytest.approx(rows[0]["grad_norm"], rel=1e-5)
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5, abs=1e-7)
+    for name in params[0]:
+        torch.testing.assert_close(params[0][name], params[1][name], rtol=0, atol=1e-4)
+
+
+def test_qwen2_and_custom_reward_objects(tmp_path):
+    from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        build_tiny_model(str(tmp_path / "qwen"), arch="qwen2", seed=3))
+
+    def length_penalty(prompts, completions, **kwargs):
+        return [-len(c) / 10 for c in completions]
+
+    trainer = GRPOTrainer(model=model, tokenizer=tokenizer,
+                          reward_funcs=[digit_partial_credit, length_penalty],
+                          config=small_config(tmp_path, reward_weights=[1.0, 0.5]))
+    rows = trainer.train()
+    assert "reward/length_penalty" in rows[0] and "reward/digit_partial_credit" in rows[0]
+    row = rows[0]
+    assert row["reward_mean"] == pytest.approx(
+        row["reward/digit_partial_credit"] + 0.5 * row["reward/length_penalty"], abs=1e-6)
+
+
+def test_jsonl_dataset(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say {i}:", "answer": str(i)}) + "\n"
+                            for i in range(5)))
+    config = small_config(tmp_path, task="jsonl", dataset_path=str(path),
+                          max_completion_length=3, reward_funcs=["digit_partial_credit"])
+    rows = GRPOTrainer(config=config).train()
+    assert len(rows) == 2 and rows[0]["completion_length"] <= 3
+
+
+def test_resume_after_reward_failure_is_exact(tmp_path):
+    """6 steps straight == 3 steps, a reward function failing in step 4, resume, 3 more."""
+    settings = dict(max_steps=6, save_steps=3, estimator="bv_blend", lr_scheduler_type="cosine",
+                    warmup_steps=2, num_iterations=2, beta=0.02)
+    straight_config = small_config(tmp_path / "straight", **settings)
+    straight = GRPOTrainer(config=straight_config)
+    straight_rows = straight.train()
+
+    full_batch_calls = []
+
+    def flaky(prompts, completions, answer, **kwargs):
+        if len(prompts) == 16:
+            full_batch_calls.append(prompts[0])
+            if len(full_batch_calls) == 4:
+                raise ConnectionError("reward server unreachable")
+        return digit_partial_credit(prompts, completions, answer)
+    flaky.__name__ = "digit_partial_credit"  # same metric names as the uninterrupted run
+
+    run_dir = tmp_path / "interrupted"
+    config = small_config(run_dir, **settings)
+    with pytest.raises(RuntimeError, match="reward server unreachable") as failure:
+        GRPOTrainer(reward_funcs=[flaky], config=config).train()
+    # The message names the first prompt of step 4 (the batch fails as a whole).
+    step4_prompt = prompt_source(get_task("add"), seed=0)[12]["prompt"]
+    assert repr(step4_prompt) in str(failure.value)
+    # The checkpoint of step 3 is complete and nothing later was written.
+    output = config.output_dir
+    assert sorted(d for d in os.listdir(output) if d.startswith("checkpoint")) == ["checkpoint-3"]
+    assert len(read_metrics(output)) == 3
+    assert not os.path.exists(os.path.join(output, "report.png"))
+
+    resumed_config = small_config(run_dir, resume_from=output, **settings)
+    resumed = GRPOTrainer(config=resumed_config)
+    assert resumed.step_count == 3 and resumed.data_position == 12
+    resumed_rows = resumed.train()
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("step_time")} for r in rows]
+
+    assert comparable(resumed_rows) == comparable(straight_rows)
+    assert comparable(read_metrics(output)) == comparable(straight_rows)
+    for name, p in straight.model.named_parameters():
+        assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+    assert torch.equal(straight.estimator.blend.ring, resumed.estimator.blend.ring)
+
+
+def test_resume_from_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        GRPOTrainer(config=small_config(tmp_path, resume_from=str(tmp_path / "nothing")))
