@@ -23,9 +23,17 @@ REQUIRED_METRICS = (
     "step_time_advantage")
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    # The configs below set num_threads=1, which is process-wide: give other tests theirs back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_config(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path / "run"), num_generations=4, batch_size=16,
-                    max_steps=2, save_steps=0, progress_bar=False, seed=0)
+                    max_steps=2, save_steps=0, progress_bar=False, seed=0, num_threads=1)
     settings.update(overrides)
     return GRPOConfig(**settings)
 

@@ -77,6 +77,8 @@ class GRPOConfig:
     max_steps: int = _f(200, "training steps (one batch of completions each)")
     seed: int = _f(0, "seed of the model init (tiny), data order and sampling")
     device: str | None = _f(None, "cpu, cuda, cuda:N (default: cuda when available)")
+    num_threads: int | None = _f(None, "CPU threads of this process (torch.set_num_threads); "
+                                 "default: torch's. Small models run fastest with 1")
     output_dir: str = _f("runs/bv_blend", "where checkpoints, metrics.jsonl and report.png go")
     save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)")
     resume_from: str | None = _f(None, "checkpoint directory, or an output_dir to take its "
@@ -150,6 +152,8 @@ class GRPOConfig:
         if self.max_grad_norm is not None:
             positive("max_grad_norm")
         positive("max_steps")
+        if self.num_threads is not None:
+            positive("num_threads")
         positive("save_steps", allow_zero=True)
         if self.task == "jsonl" and not self.dataset_path:
             raise ValueError("task 'jsonl' needs dataset_path (a JSONL file with 'prompt' and "

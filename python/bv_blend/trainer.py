@@ -39,6 +39,10 @@ class GRPOTrainer:
         self.config = config = config if config is not None else GRPOConfig()
         config.validate()
         self.task = get_task(config.task)
+        if config.num_threads is not None:
+            # Process-wide. Small models gain nothing from intra-op threads, and on a busy machine
+            # threads waiting for each other make every step many times slower.
+            torch.set_num_threads(config.num_threads)
         self.dist = distributed.setup(config.device)
         self.device = self.dist.device
         checkpoint.seed_everything(config.seed + self.dist.rank)
