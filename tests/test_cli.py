@@ -41,13 +41,14 @@ def test_end_to_end_with_yaml_and_flag_overrides(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bv_blend", "train", "--config", str(config), "--max-steps", "3",
          "--output-dir", str(out), "--save-steps", "2", "--progress-bar", "false",
-         "--num-threads", "1"],
+         "--num-threads", "1", "--report-to", "tensorboard"],
         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     assert "reward_mean" in result.stdout and "step time" in result.stdout  # the summary
     assert (out / "report.png").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     saved = torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)["config"]
     assert saved["estimator"] == "grpo" and saved["learning_rate"] == 1e-3

@@ -198,3 +198,17 @@ def test_resume_after_reward_failure_is_exact(tmp_path):
 def test_resume_from_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="resume_from"):
         GRPOTrainer(config=small_config(tmp_path, resume_from=str(tmp_path / "nothing")))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_on_cuda(tmp_path):
+    config = small_config(tmp_path, device="cuda", beta=0.05, num_iterations=2)
+    trainer = GRPOTrainer(config=config)
+    assert trainer.autocast_dtype == torch.bfloat16  # the default on a GPU
+    before = snapshot(trainer.model)
+    rows = trainer.train()
+    assert all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    after = snapshot(trainer.model)
+    assert all(p.dtype == torch.float32 for p in after.values())  # fp32 master weights
+    assert any(not torch.equal(before[k], after[k]) for k in before)
