@@ -212,3 +212,29 @@ def test_bf16_on_cuda(tmp_path):
     after = snapshot(trainer.model)
     assert all(p.dtype == torch.float32 for p in after.values())  # fp32 master weights
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (lambda n: [0.0] * (n + 1), "returned 3 values for 2 completions"),
+    (lambda n: ["1"] * n, r"returned '1' \(str\) at index 0"),
+])
+def test_bad_reward_function_fails_before_training(tmp_path, returned, message):
+    calls = []
+
+    def bad(prompts, completions, **kwargs):
+        calls.append(len(prompts))
+        return returned(len(prompts))
+
+    config = small_config(tmp_path)
+    with pytest.raises(RuntimeError, match=message):
+        GRPOTrainer(reward_funcs=[bad], config=config)
+    assert calls == [2]  # only the check before training ran
+    assert not os.path.exists(os.path.join(config.output_dir, "metrics.jsonl"))
+
+
+def test_model_object_needs_its_tokenizer(tmp_path):
+    from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(build_tiny_model(str(tmp_path / "m")))
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        GRPOTrainer(model=model, config=small_config(tmp_path))

@@ -73,8 +73,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Log-probabilities (B, C) of the last C tokens of `input_ids` under `model`, at the sampling
     temperature so that they match the distribution the tokens were drawn from."""
-    # Positions count real tokens only, as generate() numbers them for left-padded prompts;
-    # the default 0..L-1 would shift every padded row and change its log-probabilities.
+    # Positions count real tokens only, as generate() numbers them for left-padded prompts.
+    # Rotary models are blind to the shift, but with absolute position embeddings the default
+    # 0..L-1 would change every padded row's log-probabilities.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     device_type = input_ids.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
