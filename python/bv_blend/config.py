@@ -12,6 +12,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from bv_blend.rewards import get_reward_func
+from bv_blend.tasks import get_task
+
 ESTIMATORS = ("bv_blend", "grpo", "dr_grpo", "batch", "rloo")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -62,7 +65,7 @@ class GRPOConfig:
     num_iterations: int = _f(1, "optimizer updates per batch of completions (mu)")
 
     # optimisation
-    learning_rate: float = _f(3e-3, "AdamW peak learning rate")
+    learning_rate: float = _f(1e-3, "AdamW peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.99, "AdamW beta2")
@@ -95,8 +98,6 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the setting for anything that cannot train."""
-        from bv_blend.tasks import get_task
-
         def choice(name, options):
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
@@ -106,8 +107,6 @@ class GRPOConfig:
             if value is None or value < 0 or (value == 0 and not allow_zero):
                 raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, "
                                  f"got {value!r}")
-
-        from bv_blend.rewards import get_reward_func
 
         get_task(self.task)
         for name in self.reward_funcs or []:
