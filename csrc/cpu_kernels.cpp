@@ -6,7 +6,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bv_blend_math.h"
@@ -24,31 +27,144 @@ int64_t group_grain(int64_t num_rewards, int64_t num_groups) {
   return std::max<int64_t>(1, kRewardsPerTask / avg);
 }
 
-template <typename scalar_t, typename acc_t>
+// Group reductions run over the lanes of one 16-byte vector (GCC/Clang vector extensions, so the
+// same code compiles to SSE, AVX or NEON) and combine the lanes pairwise at the end: a fixed
+// summation order, hence the same bits for any thread count or address, without a serial chain
+// of dependent scalar additions. Counts are kept in floating-point lanes, exact because a lane
+// sees at most kChunk / lanes rewards before they are moved to an integer.
+constexpr int64_t kChunk = int64_t(1) << 20;
+
+typedef float float_lanes __attribute__((vector_size(16)));
+typedef double double_lanes __attribute__((vector_size(16)));
+
+template <typename acc_t>
+struct Lanes {
+  using vec = std::conditional_t<std::is_same_v<acc_t, double>, double_lanes, float_lanes>;
+  static constexpr int size = 16 / sizeof(acc_t);
+
+  // Loads `count` <= size rewards; missing lanes read as NaN, which every reduction skips.
+  template <typename scalar_t>
+  static vec load(const scalar_t* p, int64_t count = size) {
+    vec v;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (count == size) {
+        std::memcpy(&v, p, sizeof(vec));
+        return v;
+      }
+    }
+    for (int l = 0; l < size; ++l) {
+      v[l] = l < count ? static_cast<acc_t>(p[l]) : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+    return v;
+  }
+
+  template <typename scalar_t>
+  static void store(scalar_t* p, vec v, int64_t count = size) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (count == size) {
+        std::memcpy(p, &v, sizeof(vec));
+        return;
+      }
+    }
+    for (int l = 0; l < count; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+
+  static acc_t combine(vec v) {
+    for (int width = size / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) v[l] += v[l + width];
+    }
+    return v[0];
+  }
+
+  // body(offset, count) over [0, n) in whole vectors and one partial vector.
+  template <typename Body>
+  static void for_each(int64_t n, const Body& body) {
+    int64_t i = 0;
+    for (; i + size <= n; i += size) body(i, int64_t(size));
+    if (i < n) body(i, n - i);
+  }
+};
+
+template <typename acc_t>
 struct GroupMoments {
   int64_t count = 0;
   acc_t mean = 0;
   acc_t sq_dev = 0;
 };
 
-template <typename scalar_t, typename acc_t>
-GroupMoments<scalar_t, acc_t> group_moments(const scalar_t* r, int64_t start, int64_t end) {
-  GroupMoments<scalar_t, acc_t> m;
-  acc_t sum = 0;
-  for (int64_t i = start; i < end; ++i) {
-    const acc_t v = static_cast<acc_t>(r[i]);
-    if (!std::isnan(v)) {
-      sum += v;
-      ++m.count;
-    }
+// Moments of a group's valid rewards (NaN is the only value unequal to itself). K > 0 is the
+// group size known at compile time, which lets the compiler unroll small groups completely;
+// K = 0 reads it from n.
+template <int K, typename scalar_t, typename acc_t>
+GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  const int64_t n = K > 0 ? K : n_runtime;
+  const vec zero = {}, one = zero + acc_t(1);
+  GroupMoments<acc_t> m;
+  acc_t total = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    vec sum = zero, valid = zero;
+    L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
+      const vec v = L::load(p + c + i, count);
+      sum += v == v ? v : zero;
+      valid += v == v ? one : zero;
+    });
+    total += L::combine(sum);
+    m.count += static_cast<int64_t>(L::combine(valid));
   }
   if (m.count == 0) return m;
-  m.mean = sum / acc_t(m.count);
-  for (int64_t i = start; i < end; ++i) {
-    const acc_t v = static_cast<acc_t>(r[i]);
-    if (!std::isnan(v)) m.sq_dev += (v - m.mean) * (v - m.mean);
+  m.mean = total / acc_t(m.count);
+  for (int64_t c = 0; c < n; c += kChunk) {
+    vec sq = zero;
+    L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
+      const vec d = L::load(p + c + i, count) - m.mean;
+      sq += d == d ? d * d : zero;
+    });
+    m.sq_dev += L::combine(sq);
   }
   return m;
+}
+
+// Σ g_i and Σ g_i (r_i - mean) over the valid rewards of a group, for the backward pass.
+template <int K, typename scalar_t, typename acc_t>
+std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, int64_t n_runtime,
+                                     acc_t mean) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  const int64_t n = K > 0 ? K : n_runtime;
+  const vec zero = {};
+  acc_t sum_grad = 0, sum_centered = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    vec sum = zero, centered = zero;
+    L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
+      const vec d = L::load(p + c + i, count) - mean;
+      const vec g = d == d ? L::load(grad + c + i, count) : zero;
+      sum += g;
+      centered += d == d ? g * d : zero;
+    });
+    sum_grad += L::combine(sum);
+    sum_centered += L::combine(centered);
+  }
+  return {sum_grad, sum_centered};
+}
+
+// Calls body(std::integral_constant<int, K>) with K = group_size for the common fixed sizes and
+// K = 0 (sizes read at run time) for the rest and for ragged groups.
+template <typename Body>
+void with_static_group_size(const int64_t* offsets, int64_t group_size, const Body& body) {
+  if (offsets == nullptr) {
+    switch (group_size) {
+      case 2: return body(std::integral_constant<int, 2>{});
+      case 4: return body(std::integral_constant<int, 4>{});
+      case 8: return body(std::integral_constant<int, 8>{});
+      case 16: return body(std::integral_constant<int, 16>{});
+      case 32: return body(std::integral_constant<int, 32>{});
+      case 64: return body(std::integral_constant<int, 64>{});
+      default: break;
+    }
+  }
+  body(std::integral_constant<int, 0>{});
 }
 
 // Sum of term(i) over [0, n) in fixed chunks combined in order: the same bits for any thread
@@ -109,6 +225,11 @@ double cpu_batch_scale_coefficient(const CpuBatchMoments& m, const at::Tensor& g
   return -grad_dot_adv / (m.std + eps) / ((m.count - 1) * m.std);
 }
 
+// A 0-dim CPU tensor's value; reads float64 (what BVBlend's buffers hold) without a dispatch.
+double cpu_scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
+}
+
 struct Layout {
   const int64_t* offsets;
   int64_t group_size;
@@ -133,8 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
       offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, num_groups);
   const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
-  const double h = hist_mean.item<double>();
-  const double u = hist_var.item<double>();
+  const double h = cpu_scalar(hist_mean);
+  const double u = cpu_scalar(hist_var);
   const double batch_scale = mode == ScaleMode::Batch ? cpu_batch_moments(rewards).std + eps : 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
@@ -146,27 +267,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     acc_t* std_out = group_std.data_ptr<acc_t>();
     acc_t* beta_out = beta.data_ptr<acc_t>();
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
-                     [&](int64_t first, int64_t last) {
-      for (int64_t g = first; g < last; ++g) {
-        int64_t start, end;
-        group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
-        const auto m = group_moments<scalar_t, acc_t>(r, start, end);
-        if (m.count == 0) {
-          mean_out[g] = std_out[g] = beta_out[g] = nan;
-          std::fill(adv + start, adv + end, scalar_t(0));
-          continue;
+    with_static_group_size(layout.offsets, layout.group_size, [&](auto static_size) {
+      constexpr int K = decltype(static_size)::value;
+      at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
+                       [&](int64_t first, int64_t last) {
+        for (int64_t g = first; g < last; ++g) {
+          int64_t start, end;
+          group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
+          const int64_t n = K > 0 ? K : end - start;
+          const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
+          if (m.count == 0) {
+            mean_out[g] = std_out[g] = beta_out[g] = nan;
+            std::fill(adv + start, adv + start + n, scalar_t(0));
+            continue;
+          }
+          const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
+                                            acc_t(eps), mode, acc_t(batch_scale));
+          mean_out[g] = b.mean;
+          std_out[g] = std::sqrt(b.var);
+          beta_out[g] = b.beta;
+          const acc_t inv_scale = acc_t(1) / b.scale;
+          using L = Lanes<acc_t>;
+          L::for_each(n, [&](int64_t i, int64_t count) {
+            const typename L::vec v = L::load(r + start + i, count);
+            L::store(adv + start + i, v == v ? (v - b.baseline) * inv_scale : typename L::vec{}, count);
+          });
         }
-        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
-                                          acc_t(eps), mode, acc_t(batch_scale));
-        mean_out[g] = b.mean;
-        std_out[g] = std::sqrt(b.var);
-        beta_out[g] = b.beta;
-        for (int64_t i = start; i < end; ++i) {
-          const acc_t v = static_cast<acc_t>(r[i]);
-          adv[i] = std::isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) / b.scale);
-        }
-      }
+      });
     });
   });
   return {advantages, group_mean, group_std, beta};
@@ -190,8 +317,8 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
       offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
   const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
   at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
-  const double h = hist_mean.item<double>();
-  const double u = hist_var.item<double>();
+  const double h = cpu_scalar(hist_mean);
+  const double u = cpu_scalar(hist_var);
   double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
   if (mode == ScaleMode::Batch) {
     const CpuBatchMoments moments = cpu_batch_moments(rewards);
@@ -206,35 +333,36 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
     const scalar_t* r = rewards.data_ptr<scalar_t>();
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
-    at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
-                     [&](int64_t first, int64_t last) {
-      for (int64_t g = first; g < last; ++g) {
-        int64_t start, end;
-        group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
-        const auto m = group_moments<scalar_t, acc_t>(r, start, end);
-        if (m.count == 0) {
-          std::fill(out + start, out + end, scalar_t(0));
-          continue;
+    with_static_group_size(layout.offsets, layout.group_size, [&](auto static_size) {
+      constexpr int K = decltype(static_size)::value;
+      at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
+                       [&](int64_t first, int64_t last) {
+        for (int64_t g = first; g < last; ++g) {
+          int64_t start, end;
+          group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
+          const int64_t n = K > 0 ? K : end - start;
+          const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
+          if (m.count == 0) {
+            std::fill(out + start, out + start + n, scalar_t(0));
+            continue;
+          }
+          const auto [sum_grad, sum_grad_centered] =
+              grad_moments<K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
+          const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
+                                            acc_t(eps), mode, acc_t(batch_scale));
+          const auto c = group_gradient<acc_t>(b, acc_t(h), acc_t(u), mode, sum_grad,
+                                               sum_grad_centered);
+          using L = Lanes<acc_t>;
+          const typename L::vec zero = {};
+          L::for_each(n, [&](int64_t i, int64_t count) {
+            const typename L::vec v = L::load(r + start + i, count);
+            const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
+                                           c.deviation * (v - m.mean) +
+                                           acc_t(batch_coef) * (v - acc_t(batch_mean));
+            L::store(out + start + i, v == v ? grad_i : zero, count);
+          });
         }
-        acc_t sum_grad = 0, sum_grad_centered = 0;
-        for (int64_t i = start; i < end; ++i) {
-          const acc_t v = static_cast<acc_t>(r[i]);
-          if (std::isnan(v)) continue;
-          sum_grad += static_cast<acc_t>(gr[i]);
-          sum_grad_centered += static_cast<acc_t>(gr[i]) * (v - m.mean);
-        }
-        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
-                                          acc_t(eps), mode, acc_t(batch_scale));
-        const auto c = group_gradient<acc_t>(b, acc_t(h), acc_t(u), mode, sum_grad,
-                                             sum_grad_centered);
-        for (int64_t i = start; i < end; ++i) {
-          const acc_t v = static_cast<acc_t>(r[i]);
-          out[i] = std::isnan(v) ? scalar_t(0)
-                                 : static_cast<scalar_t>(c.self * static_cast<acc_t>(gr[i]) +
-                                                         c.shift + c.deviation * (v - m.mean) +
-                                                         acc_t(batch_coef) * (v - acc_t(batch_mean)));
-        }
-      }
+      });
     });
   });
   return grad_rewards;
@@ -267,15 +395,13 @@ void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::T
   check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
   const at::Tensor group_mean = group_mean_in.contiguous();
   const int64_t window = ring.numel();
-  int64_t pushed = count.item<int64_t>();
-  double h = ema.item<double>();
+  int64_t& pushed = *count.data_ptr<int64_t>();
+  double& h = *ema.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_history_cpu", [&] {
     push_group_means<scalar_t>(group_mean.data_ptr<scalar_t>(), group_mean.numel(),
                                ring.data_ptr<double>(), window, pushed, h, alpha);
   });
-  count.fill_(pushed);
-  ema.fill_(h);
-  var.fill_(ring_variance(ring.data_ptr<double>(), std::min(pushed, window), min_history));
+  *var.data_ptr<double>() = ring_variance(ring.data_ptr<double>(), std::min(pushed, window), min_history);
 }
 
 }  // namespace
