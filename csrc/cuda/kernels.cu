@@ -105,9 +105,10 @@ __global__ void __launch_bounds__(kThreads)
     group_std[group] = sqrt(b.var);
     beta[group] = b.beta;
   }
+  const acc_t inv_scale = acc_t(1) / b.scale;
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
-    advantages[i] = isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) / b.scale);
+    advantages[i] = isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) * inv_scale);
   }
 }
 
