@@ -1,7 +1,7 @@
 """Estimator evidence: BV-Blend against GRPO, RLOO, Dr.GRPO and batch scaling (issue 5, part B).
 
     python benchmarks/bench_estimators.py sim        # exact-gradient simulation (~15 min, 1 core)
-    python benchmarks/bench_estimators.py trainer    # the real trainer + tiny model (~15 min/5 seeds)
+    python benchmarks/bench_estimators.py trainer    # the real trainer + tiny model (~20 min)
     python benchmarks/bench_estimators.py sim --quick       # seconds (smoke test)
     python benchmarks/bench_estimators.py trainer --quick
 
@@ -339,8 +339,8 @@ def main(argv=None) -> int:
                    help=f"from {', '.join(sim.DIFFICULTIES)}; the first one is the main scenario")
     t = sub.add_parser("trainer", help="the real trainer with the tiny model")
     t.add_argument("--quick", action="store_true", help="2 estimators, 1 seed, 4 steps (smoke test)")
-    t.add_argument("--seeds", type=int, default=5)
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--seeds", type=int, default=8)
+    t.add_argument("--steps", type=int, default=400)
     t.add_argument("--estimators", default=",".join(TRAINER_ESTIMATORS))
     t.add_argument("--task", default="add")
     t.add_argument("--threshold", type=float, default=0.4)

@@ -44,6 +44,8 @@ HIST_MEAN, HIST_VAR, EPS, SCALE = 0.3, 0.05, 1e-4, "blend"
 WINDOW, MIN_HISTORY = 100, 2
 CLONE_REWARDS = 1 << 26
 LOOP_REF_MAX_GROUPS = 1024  # --loop-ref-max-groups
+REPEATS = 7  # timed blocks per measurement (3 with --quick)
+LOAD = [0.0]  # the load average when the device's run started
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,9 @@ def _graphed(fn):
     return graph.replay
 
 
-def time_callable(fn, device: str, budget_s: float, repeats: int) -> tuple[float, float]:
-    """(median, interquartile range) of the seconds per call over `repeats` timed blocks of a
-    calibrated number of calls. CUDA blocks are timed with events after a synchronize."""
+def time_callable(fn, device: str, budget_s: float, repeats: int) -> tuple[float, float, float]:
+    """(best, median, interquartile range) of the seconds per call over `repeats` timed blocks of
+    a calibrated number of calls. CUDA blocks are timed with events after a synchronize."""
     cuda = device == "cuda"
     fn()
     if cuda:
@@ -210,7 +212,7 @@ def time_callable(fn, device: str, budget_s: float, repeats: int) -> tuple[float
                 fn()
             samples.append((time.perf_counter() - t0) / inner)
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return statistics.median(samples), q[2] - q[0]
+    return min(samples), statistics.median(samples), q[2] - q[0]
 
 
 def cpu_name() -> str:
@@ -245,15 +247,15 @@ def run_config(device: str, threads: int | None, sizes, impls, budget_s: float, 
                 if device == "cuda":
                     torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
-                median, iqr = time_callable(fn, device, budget_s, repeats)
+                best, median, iqr = time_callable(fn, device, budget_s, repeats)
                 rewards, _ = make_inputs(size, "cpu")
                 row = dict(device=device, threads=threads if threads is not None else "",
                            case=case, size=size.label, rewards=rewards.numel(), impl=impl,
-                           median_us=median * 1e6, iqr_us=iqr * 1e6,
+                           best_us=best * 1e6, median_us=median * 1e6, iqr_us=iqr * 1e6,
                            compile_s=first_s if impl == "compile" else "")
                 rows.append(row)
                 log(f"  {device} threads={row['threads'] or '-'} {case:17s} {size.label:22s} "
-                    f"{impl:9s} {median * 1e6:12.1f} us")
+                    f"{impl:9s} {best * 1e6:12.1f} us")
     return rows
 
 
@@ -263,8 +265,8 @@ def clone_ratio(budget_s: float, repeats: int) -> dict:
     rewards = torch.rand(CLONE_REWARDS, device="cuda")
     h = torch.tensor(HIST_MEAN, dtype=torch.float64, device="cuda")
     u = torch.tensor(HIST_VAR, dtype=torch.float64, device="cuda")
-    t_clone, _ = time_callable(rewards.clone, "cuda", budget_s, repeats)
-    t_op, _ = time_callable(
+    t_clone, *_ = time_callable(rewards.clone, "cuda", budget_s, repeats)
+    t_op, *_ = time_callable(
         lambda: torch.ops.bv_blend.group_advantages(rewards, None, 16, h, u, EPS, SCALE),
         "cuda", budget_s, repeats)
     traffic = 2 * rewards.numel() * rewards.element_size()
@@ -274,10 +276,10 @@ def clone_ratio(budget_s: float, repeats: int) -> dict:
 
 
 def speedups(rows: list[dict]):
-    """{(threads, case, size): {impl: median_us}}."""
+    """{(threads, case, size): {impl: best_us}}."""
     table: dict = {}
     for r in rows:
-        table.setdefault((r["threads"], r["case"], r["size"]), {})[r["impl"]] = r["median_us"]
+        table.setdefault((r["threads"], r["case"], r["size"]), {})[r["impl"]] = r["best_us"]
     return table
 
 
@@ -289,13 +291,18 @@ def _fmt_ratio(a, b):
     return "" if a is None or b is None else f"{b / a:.1f}x"
 
 
-def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: str) -> str:
+def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: str,
+             repeats: int) -> str:
     present = [i for i in IMPLS if i in impls and any(r["impl"] == i for r in rows)]
     lines = [f"# bv_blend_ext op benchmark: {device_dir(device)}", "",
              f"torch {torch.__version__}, {cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}, "
-             f"scale={SCALE!r}, rewards float32. Median time per call in microseconds; "
-             "`vs eager` / `vs compile` = baseline time / op time (higher is better).", "",
-             f"Command: `{command}`", ""]
+             f"scale={SCALE!r}, rewards float32. Time per call in microseconds: the best of "
+             f"{repeats} timed blocks of calls, each block's mean (the least disturbed by other "
+             "processes; op.csv also has the median and IQR of the blocks). `vs eager` / "
+             "`vs compile` = baseline time / op time (higher is better).", "",
+             f"Command: `{command}`", "",
+             "Load average (1 min) at the start and end of this device's run: "
+             f"{LOAD[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.", ""]
     table = speedups(rows)
     for threads in dict.fromkeys(r["threads"] for r in rows):
         title = f"{threads} thread(s)" if threads != "" else "CUDA"
@@ -369,7 +376,7 @@ def plot(path: Path, device: str, rows: list[dict]) -> None:
             sel = [r for r in rows if r["threads"] == threads and r["case"] == case]
             sizes = list(dict.fromkeys(r["size"] for r in sel))
             for impl in IMPLS:
-                pts = [(sizes.index(r["size"]), r["median_us"]) for r in sel if r["impl"] == impl]
+                pts = [(sizes.index(r["size"]), r["best_us"]) for r in sel if r["impl"] == impl]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=impl)
             ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
@@ -407,7 +414,7 @@ def main(argv=None) -> int:
     LOOP_REF_MAX_GROUPS = min(args.loop_ref_max_groups, 64) if args.quick else args.loop_ref_max_groups
 
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    budget_s, repeats = (0.01, 3) if args.quick else (0.25, 7)
+    budget_s, repeats = (0.01, 3) if args.quick else (0.25, REPEATS)
     impls = [i for i in IMPLS if not (i == "compile" and (args.quick or args.no_compile))]
 
     devices = []
@@ -420,6 +427,7 @@ def main(argv=None) -> int:
 
     for device in devices:
         print(f"{device_dir(device)}:")
+        LOAD[0] = os.getloadavg()[0]
         rows = []
         if device == "cpu":
             for threads in parse_threads(args.threads):
@@ -431,7 +439,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "op.csv", rows)
         command = " ".join(["python benchmarks/bench_op.py", *(sys.argv[1:] if argv is None else argv)])
-        (out / "op.md").write_text(markdown(device, rows, clone, impls, command))
+        (out / "op.md").write_text(markdown(device, rows, clone, impls, command, repeats))
         plot(out / "op.png", device, rows)
         print((out / "op.md").read_text())
         print(f"wrote {out}/op.md, op.csv, op.png")
