@@ -18,6 +18,8 @@ def check_scale(scale) -> None:
 
 
 def check_eps(eps) -> None:
+    if type(eps) is float and 0 <= eps < math.inf:  # the common case, without the ABC check
+        return
     if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 

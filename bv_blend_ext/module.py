@@ -79,7 +79,7 @@ class BVBlend(torch.nn.Module):
             rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
         torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count, self.ema,
                                           self.var, self.alpha, self.min_history)
-        self.last_stats = BlendOutput(*(t.detach() for t in out))
+        self.last_stats = BlendOutput(*(t.detach() for t in out)) if rewards.requires_grad else out
         return out.advantages
 
     def _apply(self, fn, recurse=True):
