@@ -98,7 +98,7 @@ def write_report(rows: list[dict], path: str) -> None:
                 label="groups with zero reward std")
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_xlabel("step")
-    bottom.legend(loc="upper right")
+    bottom.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
