@@ -63,19 +63,20 @@ def check_groups(rewards, group_size, offsets, validate: bool) -> None:
 
 
 def history_scalar(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor for H or σ_u² (the op itself checks that it is floating-point)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-dim tensor or float), "
-                             f"got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if value.device != rewards.device:
             raise ValueError(f"{name} must be on the rewards' device ({rewards.device}), "
                              f"got {value.device}")
+        if value.dim() == 0:
+            return value
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (0-dim tensor or float), "
+                             f"got shape {tuple(value.shape)}")
         return value.reshape(())
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=torch.float64, device=rewards.device)
+    return torch.scalar_tensor(float(value), dtype=torch.float64, device=rewards.device)
 
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
