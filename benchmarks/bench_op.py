@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -215,6 +216,18 @@ def time_callable(fn, device: str, budget_s: float, repeats: int) -> tuple[float
     return min(samples), statistics.median(samples), q[2] - q[0]
 
 
+def build_info() -> str:
+    """The commit of the working tree and the build time of the loaded extension."""
+    lib = Path(bv_blend_ext._C.__file__)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=lib.parent,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lib.stat().st_mtime))
+    return f"commit {commit}, extension built {built}"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -301,6 +314,7 @@ def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: 
              "processes; op.csv also has the median and IQR of the blocks). `vs eager` / "
              "`vs compile` = baseline time / op time (higher is better).", "",
              f"Command: `{command}`", "",
+             f"Build: {build_info()}. "
              "Load average (1 min) at the start and end of this device's run: "
              f"{LOAD[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.", ""]
     table = speedups(rows)
