@@ -47,6 +47,7 @@ CLONE_REWARDS = 1 << 26
 LOOP_REF_MAX_GROUPS = 1024  # --loop-ref-max-groups
 REPEATS = 7  # timed blocks per measurement (3 with --quick)
 LOAD = [0.0]  # the load average when the device's run started
+NOTES: list[str] = []  # what could not be measured, for the report
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,15 @@ def run_config(device: str, threads: int | None, sizes, impls, budget_s: float, 
         for size in sizes:
             for impl in impls:
                 t0 = time.perf_counter()
-                fn = build(case, impl, size, device)
+                try:
+                    fn = build(case, impl, size, device)
+                except RuntimeError as err:
+                    if impl != "op_graph":
+                        raise
+                    # Not run on a GPU in CI: a failed capture is reported, not fatal.
+                    NOTES.append(f"op_graph {case} {size.label}: capture failed: {err}")
+                    log(f"  {NOTES[-1]}")
+                    continue
                 if fn is None:
                     continue
                 fn()  # first call: compiles under torch.compile
@@ -336,6 +345,8 @@ def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: 
                       f"{statistics.median(compile_times):.1f} s, max {max(compile_times):.1f} s."]
         lines.append("")
     lines += targets(device, rows)
+    if NOTES:
+        lines += ["## Notes", ""] + [f"- {note}" for note in NOTES] + [""]
     if clone is not None:
         lines += ["## Bandwidth at 2^26 rewards", "",
                   "| rewards | clone us | op us | clone GB/s | op GB/s | clone/op |",
