@@ -349,8 +349,12 @@ def main(argv=None) -> int:
     t.add_argument("--num-generations", type=int, default=8)
     t.add_argument("--learning-rate", type=float, default=3e-3)
     for q in (s, t):
-        q.add_argument("--out-dir", type=Path, default=RESULTS)
+        q.add_argument("--out-dir", type=Path, default=None,
+                       help="default benchmarks/results/estimators (with --quick: "
+                            "benchmarks/results/quick)")
     args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = RESULTS.parent / "quick" if args.quick else RESULTS
     command = " ".join(["python benchmarks/bench_estimators.py",
                         *(sys.argv[1:] if argv is None else argv)])
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -433,9 +433,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--loop-ref-max-groups", type=int, default=LOOP_REF_MAX_GROUPS,
                    help="time the Python-loop reference only up to this many groups")
-    p.add_argument("--out-dir", type=Path, default=RESULTS,
-                   help="results root: files go to <out-dir>/<device-name>/")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="results root: files go to <out-dir>/<device-name>/ (default "
+                        "benchmarks/results, benchmarks/results/quick with --quick)")
     args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = RESULTS / "quick" if args.quick else RESULTS
     LOOP_REF_MAX_GROUPS = min(args.loop_ref_max_groups, 64) if args.quick else args.loop_ref_max_groups
 
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
