@@ -18,15 +18,20 @@ def want_cuda() -> bool:
 
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is a header template whose OpenMP pragmas only take effect in a
+    # translation unit compiled with OpenMP; without it the CPU kernels would run on one thread.
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if want_cuda():
         return CUDAExtension(
             "bv_blend_ext._C",
             cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("BV_BLEND_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
-    return CppExtension("bv_blend_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("bv_blend_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 setup(
