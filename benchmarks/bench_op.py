@@ -403,7 +403,7 @@ def plot(path: Path, device: str, rows: list[dict]) -> None:
             for impl in IMPLS:
                 pts = [(sizes.index(r["size"]), r["best_us"]) for r in sel if r["impl"] == impl]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=impl)
+                    ax.plot(*zip(*pts), marker="o", label=impl, color=f"C{IMPLS.index(impl)}")
             ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
             ax.set_yscale("log")
             ax.set_ylabel("us per call")
