@@ -86,6 +86,21 @@ def test_bench_op_quick(tmp_path):
     assert "## Targets" in text and "op vs eager" in text
 
 
+def test_bench_op_reports_a_baseline_that_cannot_be_built(monkeypatch):
+    """A failing torch.compile (or CUDA-graph capture) becomes a note; the op is still timed."""
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("no compiler")
+        return call
+    monkeypatch.setattr(bench_op, "_compiled", broken)
+    monkeypatch.setattr(bench_op, "NOTES", [])
+    rows = bench_op.run_config("cpu", 1, bench_op.QUICK_SIZES[:1], ["op", "compile"], 0.002, 2,
+                               log=lambda *_: None)
+    assert [r["impl"] for r in rows] == ["op"] * len(bench_op.CASES)
+    assert len(bench_op.NOTES) == len(bench_op.CASES)
+    assert all("RuntimeError: no compiler" in note for note in bench_op.NOTES)
+
+
 def test_sim_exact_gradient_matches_finite_differences():
     cfg = estimator_sim.SimConfig(prompts=16, answers=5, features=4)
     task = estimator_sim.Task(cfg, seed=0)
