@@ -230,69 +230,63 @@ double cpu_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
 }
 
-struct Layout {
-  const int64_t* offsets;
-  int64_t group_size;
-  int64_t num_groups;
-  int64_t num_rewards;
-};
-
-Layout make_layout(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
-                   int64_t group_size, int64_t num_groups) {
-  return {offsets.has_value() ? offsets->data_ptr<int64_t>() : nullptr, group_size, num_groups,
-          rewards.numel()};
+// Calls body(static_size, group, start, n) for every group, in parallel over groups; n is the
+// group's length, a compile-time constant (decltype(static_size)::value) for common fixed sizes.
+template <typename Body>
+void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Body& body) {
+  const int64_t* offsets = in.offsets_ptr();
+  const int64_t num_rewards = in.rewards.numel();
+  with_static_group_size(offsets, group_size, [&](auto static_size) {
+    constexpr int K = decltype(static_size)::value;
+    at::parallel_for(0, in.num_groups, group_grain(num_rewards, in.num_groups),
+                     [&](int64_t first, int64_t last) {
+      for (int64_t g = first; g < last; ++g) {
+        int64_t start, end;
+        group_bounds(offsets, group_size, g, num_rewards, start, end);
+        body(static_size, g, start, K > 0 ? K : end - start);
+      }
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
     const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps, c10::string_view scale) {
-  const ScaleMode mode = parse_scale(scale);
-  const int64_t num_groups =
-      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps);
-  const at::Tensor rewards = rewards_in.contiguous();
-  const std::optional<at::Tensor> offsets =
-      offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
-  auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, num_groups);
-  const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
+  const GroupInputs in =
+      prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
+  auto [advantages, group_mean, group_std, beta] = allocate_outputs(in.rewards, in.num_groups);
   const double h = cpu_scalar(hist_mean);
   const double u = cpu_scalar(hist_var);
-  const double batch_scale = mode == ScaleMode::Batch ? cpu_batch_moments(rewards).std + eps : 1.0;
+  const double batch_scale =
+      in.mode == ScaleMode::Batch ? cpu_batch_moments(in.rewards).std + eps : 1.0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
                                   "group_advantages_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
-    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    using L = Lanes<acc_t>;
+    const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     scalar_t* adv = advantages.data_ptr<scalar_t>();
     acc_t* mean_out = group_mean.data_ptr<acc_t>();
     acc_t* std_out = group_std.data_ptr<acc_t>();
     acc_t* beta_out = beta.data_ptr<acc_t>();
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    with_static_group_size(layout.offsets, layout.group_size, [&](auto static_size) {
+    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
-      at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
-                       [&](int64_t first, int64_t last) {
-        for (int64_t g = first; g < last; ++g) {
-          int64_t start, end;
-          group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
-          const int64_t n = K > 0 ? K : end - start;
-          const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
-          if (m.count == 0) {
-            mean_out[g] = std_out[g] = beta_out[g] = nan;
-            std::fill(adv + start, adv + start + n, scalar_t(0));
-            continue;
-          }
-          const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
-                                            acc_t(eps), mode, acc_t(batch_scale));
-          mean_out[g] = b.mean;
-          std_out[g] = std::sqrt(b.var);
-          beta_out[g] = b.beta;
-          const acc_t inv_scale = acc_t(1) / b.scale;
-          using L = Lanes<acc_t>;
-          L::for_each(n, [&](int64_t i, int64_t count) {
-            const typename L::vec v = L::load(r + start + i, count);
-            L::store(adv + start + i, v == v ? (v - b.baseline) * inv_scale : typename L::vec{}, count);
-          });
-        }
+      const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
+      if (m.count == 0) {
+        mean_out[g] = std_out[g] = beta_out[g] = nan;
+        std::fill(adv + start, adv + start + n, scalar_t(0));
+        return;
+      }
+      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u), acc_t(eps),
+                                        in.mode, acc_t(batch_scale));
+      mean_out[g] = b.mean;
+      std_out[g] = std::sqrt(b.var);
+      beta_out[g] = b.beta;
+      const acc_t inv_scale = acc_t(1) / b.scale;
+      L::for_each(n, [&](int64_t i, int64_t count) {
+        const typename L::vec v = L::load(r + start + i, count);
+        L::store(adv + start + i, v == v ? (v - b.baseline) * inv_scale : typename L::vec{}, count);
       });
     });
   });
@@ -305,63 +299,49 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
                                          int64_t group_size, const at::Tensor& hist_mean,
                                          const at::Tensor& hist_var, double eps,
                                          c10::string_view scale) {
-  const ScaleMode mode = parse_scale(scale);
-  const int64_t num_groups =
-      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps);
+  const GroupInputs in =
+      prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
   TORCH_CHECK_VALUE(grad_in.sizes() == rewards_in.sizes() && advantages.sizes() == rewards_in.sizes(),
                     "grad_advantages and advantages must have the rewards' shape ",
                     rewards_in.sizes());
-  const at::Tensor rewards = rewards_in.contiguous();
-  const at::Tensor grad = grad_in.to(rewards.scalar_type()).contiguous();
-  const std::optional<at::Tensor> offsets =
-      offsets_in.has_value() ? std::optional<at::Tensor>(offsets_in->contiguous()) : std::nullopt;
-  const Layout layout = make_layout(rewards, offsets, group_size, num_groups);
-  at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
+  const at::Tensor grad = grad_in.to(in.rewards.scalar_type()).contiguous();
+  at::Tensor grad_rewards = at::empty_like(in.rewards, at::MemoryFormat::Contiguous);
   const double h = cpu_scalar(hist_mean);
   const double u = cpu_scalar(hist_var);
   double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
-  if (mode == ScaleMode::Batch) {
-    const CpuBatchMoments moments = cpu_batch_moments(rewards);
+  if (in.mode == ScaleMode::Batch) {
+    const CpuBatchMoments moments = cpu_batch_moments(in.rewards);
     batch_scale = moments.std + eps;
     batch_mean = moments.mean;
     batch_coef = cpu_batch_scale_coefficient(moments, grad, advantages, eps);
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
                                   "group_advantages_backward_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
-    const scalar_t* r = rewards.data_ptr<scalar_t>();
+    using L = Lanes<acc_t>;
+    const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
-    with_static_group_size(layout.offsets, layout.group_size, [&](auto static_size) {
+    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
-      at::parallel_for(0, num_groups, group_grain(layout.num_rewards, num_groups),
-                       [&](int64_t first, int64_t last) {
-        for (int64_t g = first; g < last; ++g) {
-          int64_t start, end;
-          group_bounds(layout.offsets, layout.group_size, g, layout.num_rewards, start, end);
-          const int64_t n = K > 0 ? K : end - start;
-          const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
-          if (m.count == 0) {
-            std::fill(out + start, out + start + n, scalar_t(0));
-            continue;
-          }
-          const auto [sum_grad, sum_grad_centered] =
-              grad_moments<K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
-          const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u),
-                                            acc_t(eps), mode, acc_t(batch_scale));
-          const auto c = group_gradient<acc_t>(b, acc_t(h), acc_t(u), mode, sum_grad,
-                                               sum_grad_centered);
-          using L = Lanes<acc_t>;
-          const typename L::vec zero = {};
-          L::for_each(n, [&](int64_t i, int64_t count) {
-            const typename L::vec v = L::load(r + start + i, count);
-            const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
-                                           c.deviation * (v - m.mean) +
-                                           acc_t(batch_coef) * (v - acc_t(batch_mean));
-            L::store(out + start + i, v == v ? grad_i : zero, count);
-          });
-        }
+      const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
+      if (m.count == 0) {
+        std::fill(out + start, out + start + n, scalar_t(0));
+        return;
+      }
+      const auto [sum_grad, sum_grad_centered] =
+          grad_moments<K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
+      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u), acc_t(eps),
+                                        in.mode, acc_t(batch_scale));
+      const auto c =
+          group_gradient<acc_t>(b, acc_t(h), acc_t(u), in.mode, sum_grad, sum_grad_centered);
+      L::for_each(n, [&](int64_t i, int64_t count) {
+        const typename L::vec v = L::load(r + start + i, count);
+        const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
+                                       c.deviation * (v - m.mean) +
+                                       acc_t(batch_coef) * (v - acc_t(batch_mean));
+        L::store(out + start + i, v == v ? grad_i : typename L::vec{}, count);
       });
     });
   });

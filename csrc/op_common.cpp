@@ -53,6 +53,16 @@ int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Te
   return n / group_size;
 }
 
+GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                                 int64_t group_size, const at::Tensor& hist_mean,
+                                 const at::Tensor& hist_var, double eps, std::string_view scale) {
+  const ScaleMode mode = parse_scale(scale);
+  const int64_t num_groups =
+      check_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps);
+  return {mode, num_groups, rewards.contiguous(),
+          offsets.has_value() ? std::optional<at::Tensor>(offsets->contiguous()) : std::nullopt};
+}
+
 BatchMoments batch_moments(const at::Tensor& rewards) {
   const at::Tensor r = rewards.to(accumulation_type(rewards.scalar_type()));
   const at::Tensor valid = r.isnan().logical_not();

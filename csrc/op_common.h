@@ -24,6 +24,21 @@ int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Te
                            int64_t group_size, const at::Tensor& hist_mean,
                            const at::Tensor& hist_var, double eps);
 
+// The checked, contiguous inputs of group_advantages and its backward, shared by every device.
+struct GroupInputs {
+  ScaleMode mode;
+  int64_t num_groups;
+  at::Tensor rewards;
+  std::optional<at::Tensor> offsets;
+
+  const int64_t* offsets_ptr() const {
+    return offsets.has_value() ? offsets->data_ptr<int64_t>() : nullptr;
+  }
+};
+GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                                 int64_t group_size, const at::Tensor& hist_mean,
+                                 const at::Tensor& hist_var, double eps, std::string_view scale);
+
 // Mean and unbiased std (0 below two values) of the non-NaN rewards, as 0-dim tensors of the
 // accumulation dtype, and the number of non-NaN rewards.
 struct BatchMoments {

@@ -13,21 +13,16 @@
 namespace bv_blend {
 namespace {
 
-cuda::GroupArgs group_args(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
-                           int64_t group_size, int64_t num_groups, const at::Tensor& hist_mean,
-                           const at::Tensor& hist_var, double eps, ScaleMode mode) {
-  return {offsets.has_value() ? offsets->data_ptr<int64_t>() : nullptr,
+cuda::GroupArgs group_args(const GroupInputs& in, int64_t group_size, const at::Tensor& hist_mean,
+                           const at::Tensor& hist_var, double eps) {
+  return {in.offsets_ptr(),
           group_size,
-          num_groups,
-          rewards.numel(),
+          in.num_groups,
+          in.rewards.numel(),
           hist_mean.data_ptr<double>(),
           hist_var.data_ptr<double>(),
           eps,
-          mode};
-}
-
-std::optional<at::Tensor> contiguous_offsets(const std::optional<at::Tensor>& offsets) {
-  return offsets.has_value() ? std::optional<at::Tensor>(offsets->contiguous()) : std::nullopt;
+          in.mode};
 }
 
 template <typename T>
@@ -39,19 +34,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
     const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
     const at::Tensor& hist_mean_in, const at::Tensor& hist_var_in, double eps,
     c10::string_view scale) {
-  const ScaleMode mode = parse_scale(scale);
-  const int64_t num_groups =
-      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in, hist_var_in, eps);
   const c10::cuda::CUDAGuard guard(rewards_in.device());
-  const at::Tensor rewards = rewards_in.contiguous();
-  const auto offsets = contiguous_offsets(offsets_in);
+  const GroupInputs in = prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in,
+                                              hist_var_in, eps, scale);
+  const at::Tensor& rewards = in.rewards;
   const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
   const at::Tensor hist_var = hist_var_in.to(at::kDouble);
-  auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, num_groups);
+  auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, in.num_groups);
   const at::Tensor batch_scale =
-      mode == ScaleMode::Batch ? batch_moments(rewards).std + eps : at::Tensor();
-  const auto args =
-      group_args(rewards, offsets, group_size, num_groups, hist_mean, hist_var, eps, mode);
+      in.mode == ScaleMode::Batch ? batch_moments(rewards).std + eps : at::Tensor();
+  const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_cuda", [&] {
@@ -70,28 +62,25 @@ at::Tensor group_advantages_backward_cuda(const at::Tensor& grad_in, const at::T
                                           int64_t group_size, const at::Tensor& hist_mean_in,
                                           const at::Tensor& hist_var_in, double eps,
                                           c10::string_view scale) {
-  const ScaleMode mode = parse_scale(scale);
-  const int64_t num_groups =
-      check_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in, hist_var_in, eps);
+  const c10::cuda::CUDAGuard guard(rewards_in.device());
+  const GroupInputs in = prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in,
+                                              hist_var_in, eps, scale);
   TORCH_CHECK_VALUE(grad_in.sizes() == rewards_in.sizes() && advantages.sizes() == rewards_in.sizes(),
                     "grad_advantages and advantages must have the rewards' shape ",
                     rewards_in.sizes());
-  const c10::cuda::CUDAGuard guard(rewards_in.device());
-  const at::Tensor rewards = rewards_in.contiguous();
+  const at::Tensor& rewards = in.rewards;
   const at::Tensor grad = grad_in.to(rewards.scalar_type()).contiguous();
-  const auto offsets = contiguous_offsets(offsets_in);
   const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
   const at::Tensor hist_var = hist_var_in.to(at::kDouble);
   at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
   at::Tensor batch_scale, batch_mean, batch_coef;
-  if (mode == ScaleMode::Batch) {
+  if (in.mode == ScaleMode::Batch) {
     const BatchMoments moments = batch_moments(rewards);
     batch_scale = moments.std + eps;
     batch_mean = moments.mean;
     batch_coef = batch_scale_coefficient(moments, grad, advantages, eps);
   }
-  const auto args =
-      group_args(rewards, offsets, group_size, num_groups, hist_mean, hist_var, eps, mode);
+  const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_backward_cuda", [&] {
