@@ -25,13 +25,13 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) setuptools wheel ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	mkdir -p build && touch build/.ext-fresh
 	touch $@
-	mkdir -p build && touch build/.ext-built
 
-# The editable install above compiled the extension; after a change under csrc/, rebuild it in
-# place (ninja then recompiles only what changed).
+# The editable install above compiled the extension (it leaves build/.ext-fresh); after a change
+# under csrc/, rebuild it in place (ninja then recompiles only what changed).
 build/.ext-built: $(STAMP) $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*)
-	$(PY) setup.py -q build_ext --inplace
+	if [ -e build/.ext-fresh ]; then rm build/.ext-fresh; else $(PY) setup.py -q build_ext --inplace; fi
 	touch $@
 
 build: build/.ext-built
