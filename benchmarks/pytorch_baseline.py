@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bv_blend_ext.reference import BlendOutput, accumulation_dtype
+from bv_blend_ext.reference import SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms
 
 
 def _segments(valid_r: torch.Tensor, num_groups: int, group_size: int | None,
@@ -53,23 +53,17 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
 
     h = torch.as_tensor(hist_mean, dtype=acc, device=r.device)
     u = torch.as_tensor(hist_var, dtype=acc, device=r.device)
-    total = u + var
-    beta = torch.where(total > 0, u / torch.where(total > 0, total, 1), 0)
-    baseline = (1 - beta) * mu + beta * h
-    if scale == "group":
-        s = var.sqrt() + eps
-    elif scale == "blend":
-        s = ((1 - beta) * var + beta * u).sqrt() + eps
-    elif scale == "batch":
+    batch_scale = None
+    if scale == "batch":
+        # Not reference.batch_std: its masked square would send NaN into autograd here.
         count = w.sum()
         batch_mean = r0.sum() / count.clamp(min=1)
         batch_dev = (r0 - batch_mean) * w
         batch_var = (batch_dev * batch_dev).sum() / (count - 1).clamp(min=1)
-        s = torch.where(count >= 2, batch_var.sqrt(), 0).expand(num_groups) + eps
-    elif scale == "none":
-        s = torch.ones_like(mu)
-    else:
+        batch_scale = torch.where(count >= 2, batch_var.sqrt(), 0).expand(num_groups) + eps
+    elif scale not in SCALE_MODES:
         raise ValueError(f"scale must be one of group, blend, batch, none; got {scale!r}")
+    beta, baseline, s = blend_terms(mu, var, h, u, eps, scale, batch_scale)
     advantages = torch.where(valid, (r0 - gather(baseline)) / gather(s), 0).to(rewards.dtype)
 
     empty = n == 0

@@ -46,6 +46,25 @@ def batch_std(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(count >= 2, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
 
 
+def blend_terms(mu: torch.Tensor, var: torch.Tensor, hist_mean: torch.Tensor,
+                hist_var: torch.Tensor, eps: float, scale: str,
+                batch_scale: torch.Tensor | None = None):
+    """β, baseline B and scale s of groups with mean μ and unbiased variance σ² (elementwise, so
+    one group or a tensor of groups). `batch_scale` is the s of scale="batch"."""
+    total = hist_var + var
+    beta = torch.where(total > 0, hist_var / torch.where(total > 0, total, 1), 0)
+    baseline = (1 - beta) * mu + beta * hist_mean
+    if scale == "group":
+        s = var.sqrt() + eps
+    elif scale == "blend":
+        s = ((1 - beta) * var + beta * hist_var).sqrt() + eps
+    elif scale == "batch":
+        s = batch_scale
+    else:
+        s = torch.ones_like(mu)
+    return beta, baseline, s
+
+
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      offsets: torch.Tensor | None = None, hist_mean=0.0, hist_var=0.0,
                      eps: float = 1e-4, scale: str = "blend") -> BlendOutput:
@@ -73,17 +92,7 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
         values = group[valid]
         mu = values.mean()
         var = values.var(unbiased=True) if n >= 2 else torch.zeros((), dtype=acc, device=device)
-        total = u + var
-        beta = torch.where(total > 0, u / torch.where(total > 0, total, 1), 0)
-        baseline = (1 - beta) * mu + beta * h
-        if scale == "group":
-            s = var.sqrt() + eps
-        elif scale == "blend":
-            s = ((1 - beta) * var + beta * u).sqrt() + eps
-        elif scale == "batch":
-            s = batch_scale
-        else:
-            s = torch.ones((), dtype=acc, device=device)
+        beta, baseline, s = blend_terms(mu, var, h, u, eps, scale, batch_scale)
         advantages[start:end] = torch.where(valid, (group - baseline) / s, 0)
         means.append(mu), stds.append(var.sqrt()), betas.append(beta)
 
