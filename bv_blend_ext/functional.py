@@ -1,4 +1,11 @@
-"""The functional entry point and the argument checks shared with the stateful estimator."""
+"""The functional entry point, and the checks that only Python can make.
+
+The compiled op is the validator of its tensor arguments (dtype, shape, device, eps, scale): its
+errors reach Python as ValueError/TypeError naming the argument, in eager mode and under
+torch.compile alike. Python adds what the op cannot see: arguments that are not tensors or ints at
+all, and, with validate=True, the values held in device memory (offsets, tensor history
+statistics), read in one device-to-host transfer.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,6 @@ from numbers import Real
 import torch
 
 from .reference import SCALE_MODES, BlendOutput
-
-REWARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_scale(scale) -> None:
@@ -24,59 +29,72 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
-def check_groups(rewards, group_size, offsets, validate: bool) -> None:
-    """Raises ValueError/TypeError naming the argument; the value checks of `offsets` read
-    device memory (a GPU->CPU sync), so they only run with validate=True."""
+def check_call(rewards, group_size, offsets) -> None:
+    """The argument kinds the op's schema cannot tell apart or report by name. Skipped under
+    torch.compile, where a Python raise cannot be traced: there the op raises instead."""
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if rewards.dtype not in REWARD_DTYPES:
-        raise TypeError(f"rewards must be float16, bfloat16, float32 or float64, got {rewards.dtype}")
     if (group_size is None) == (offsets is None):
         raise ValueError("pass exactly one of group_size and offsets")
-    n = rewards.shape[0]
     if offsets is None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if n % group_size != 0:
-            raise ValueError(f"group_size ({group_size}) must divide the number of rewards ({n})")
-        return
-    if not isinstance(offsets, torch.Tensor):
+    elif not isinstance(offsets, torch.Tensor):
         raise TypeError(f"offsets must be an int64 torch.Tensor, got {type(offsets).__name__}")
-    if offsets.dtype != torch.int64:
-        raise TypeError(f"offsets must be int64, got {offsets.dtype}")
-    if offsets.dim() != 1 or offsets.shape[0] < 1:
-        raise ValueError(f"offsets must be 1-D of length G+1 >= 1, got shape {tuple(offsets.shape)}")
-    if offsets.device != rewards.device:
-        raise ValueError(f"offsets must be on the rewards' device ({rewards.device}), "
-                         f"got {offsets.device}")
-    if validate and not torch.compiler.is_compiling():
-        first, last = int(offsets[0]), int(offsets[-1])
-        if first != 0:
-            raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
-        if last != n:
-            raise ValueError(f"offsets must end at the number of rewards ({n}), "
-                             f"got offsets[-1] = {last}")
-        if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError("offsets must be non-decreasing")
 
 
 def history_scalar(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor for H or σ_u² (the op itself checks that it is floating-point)."""
+    """A 0-dim tensor for H or σ_u². A float is checked at once (finite; σ_u² >= 0); a tensor's
+    value is checked by check_values when validate=True, its kind by the op."""
     if isinstance(value, torch.Tensor):
-        if value.device != rewards.device:
-            raise ValueError(f"{name} must be on the rewards' device ({rewards.device}), "
-                             f"got {value.device}")
-        if value.dim() == 0:
-            return value
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-dim tensor or float), "
-                             f"got shape {tuple(value.shape)}")
-        return value.reshape(())
+        if value.dim() != 0 and value.numel() == 1:
+            return value.reshape(())
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    return torch.scalar_tensor(float(value), dtype=torch.float64, device=rewards.device)
+    value = float(value)
+    if not torch.compiler.is_compiling() and not _history_value_ok(name, value):
+        raise ValueError(_history_message(name, value))
+    return torch.scalar_tensor(value, dtype=torch.float64, device=rewards.device)
+
+
+def _history_value_ok(name: str, value: float) -> bool:
+    return math.isfinite(value) and (name != "hist_var" or value >= 0)
+
+
+def _history_message(name: str, value: float) -> str:
+    wanted = "a finite number >= 0" if name == "hist_var" else "a finite number"
+    return f"{name} must be {wanted}, got {value!r}"
+
+
+def check_values(num_rewards: int, offsets: torch.Tensor | None,
+                 history: dict[str, torch.Tensor]) -> None:
+    """The checks that read device memory: offsets start at 0, end at N and never decrease; the
+    history statistics given as tensors are finite (σ_u² >= 0). Everything is read in a single
+    device-to-host transfer (one synchronisation on a GPU). Call after the op has checked the
+    tensors' dtype, shape and device."""
+    probes = []
+    if offsets is not None:
+        probes += [offsets[0], offsets[-1], (offsets[1:] < offsets[:-1]).any()]
+    for name, value in history.items():
+        ok = value.isfinite() & (value >= 0) if name == "hist_var" else value.isfinite()
+        probes.append(ok)
+    if not probes:
+        return
+    values = torch.stack([p.to(torch.int64) for p in probes]).tolist()
+    if offsets is not None:
+        first, last, decreasing = values[:3]
+        values = values[3:]
+        if first != 0:
+            raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
+        if last != num_rewards:
+            raise ValueError(f"offsets must end at the number of rewards ({num_rewards}), "
+                             f"got offsets[-1] = {last}")
+        if decreasing:
+            raise ValueError("offsets must be non-decreasing")
+    for (name, value), ok in zip(history.items(), values):
+        if not ok:
+            raise ValueError(_history_message(name, float(value)))
 
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
@@ -85,14 +103,21 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
     """BV-Blend advantages of one call with explicit history statistics H and σ_u².
 
     Groups are given by ``group_size`` (N divisible by it) or by ``offsets`` (G+1 int64 bounds).
-    ``validate=False`` skips the checks of the offsets' values, the only ones that make the
-    host wait for the device; invalid offsets are then clamped, never read out of bounds.
+    ``validate=False`` skips the checks of values in device memory (offsets, tensor H and σ_u²),
+    the only ones that make the host wait for the device; the kernels then normalise offsets and
+    ignore an unusable history (README, "Validation and its cost").
     """
-    check_groups(rewards, group_size, offsets, validate)
-    check_eps(eps)
-    check_scale(scale)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        check_call(rewards, group_size, offsets)
+        check_eps(eps)
     h = history_scalar(hist_mean, "hist_mean", rewards)
     u = history_scalar(hist_var, "hist_var", rewards)
-    out = torch.ops.bv_blend.group_advantages(rewards, offsets, group_size or 0, h, u,
-                                              float(eps), scale)
-    return BlendOutput(*out)
+    out = BlendOutput(*torch.ops.bv_blend.group_advantages(
+        rewards, offsets, group_size or 0, h, u, float(eps), scale))
+    if validate and not compiling:
+        given_as_tensors = {name: value for name, value, given in
+                            (("hist_mean", h, hist_mean), ("hist_var", u, hist_var))
+                            if isinstance(given, torch.Tensor)}
+        check_values(rewards.shape[0], offsets, given_as_tensors)
+    return out

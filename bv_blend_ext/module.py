@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from .functional import check_eps, check_groups, check_scale
+from .functional import check_call, check_eps, check_scale, check_values
 from .reference import BlendOutput
 
 
@@ -68,19 +68,34 @@ class BVBlend(torch.nn.Module):
 
     def forward(self, rewards: torch.Tensor, group_size: int | None = None, *,
                 offsets: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
-        check_groups(rewards, group_size, offsets, validate)
-        if self.ring.device != rewards.device:
-            self.to(rewards.device)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            check_call(rewards, group_size, offsets)
         hist_mean, hist_var = self.ema, self.var
-        if rewards.requires_grad and torch.is_grad_enabled():
+        moving = hist_mean.device != rewards.device
+        if moving:
+            # The state follows the rewards, but only once the call has passed every check.
+            hist_mean, hist_var = hist_mean.to(rewards.device), hist_var.to(rewards.device)
+        elif rewards.requires_grad and torch.is_grad_enabled():
             # Autograd keeps these for backward, and the history update below overwrites them.
             hist_mean, hist_var = hist_mean.clone(), hist_var.clone()
         out = BlendOutput(*torch.ops.bv_blend.group_advantages(
             rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
+        if validate and not compiling:
+            check_values(rewards.shape[0], offsets, {})
+        if moving:
+            self.to(rewards.device)
         torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count, self.ema,
                                           self.var, self.alpha, self.min_history)
         self.last_stats = BlendOutput(*(t.detach() for t in out)) if rewards.requires_grad else out
         return out.advantages
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checked before anything is copied, so a corrupted or hand-edited state (a checkpoint
+        # file, say) raises here and leaves the estimator as it was.
+        check_history_state({name: state_dict[prefix + name] for name in self._buffers
+                             if prefix + name in state_dict}, self.window)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # Module-wide casts (model.half(), .to(bfloat16)) must not lower the history's
@@ -96,3 +111,36 @@ class BVBlend(torch.nn.Module):
         return (f"window={self.window}, ema_decay={self.alpha:g}, initial_baseline="
                 f"{self.initial_baseline:g}, min_history={self.min_history}, eps={self.eps:g}, "
                 f"scale={self.scale!r}")
+
+
+def check_history_state(state: dict, window: int) -> None:
+    """Raise ValueError naming the field unless `state` (any subset of ring, count, ema, var) is
+    a history this estimator can hold: ring (window,) of finite floats, count an integer >= 0,
+    ema finite, var finite and >= 0."""
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"history state {name!r} must be a tensor, got "
+                             f"{type(value).__name__}")
+    ring = state.get("ring")
+    if ring is not None:
+        if ring.shape != (window,) or not ring.is_floating_point():
+            raise ValueError(f"history state 'ring' must be a float tensor of shape ({window},) "
+                             f"(the window), got {ring.dtype} of shape {tuple(ring.shape)}")
+        if not bool(ring.isfinite().all()):
+            raise ValueError("history state 'ring' must hold finite values")
+    scalars = {"count": "an integer >= 0", "ema": "a finite number",
+               "var": "a finite number >= 0"}
+    for name, wanted in scalars.items():
+        value = state.get(name)
+        if value is None:
+            continue
+        kind = "integer" if name == "count" else "float"
+        right_kind = (value.is_floating_point() if kind == "float" else
+                      not value.is_floating_point() and not value.is_complex()
+                      and value.dtype != torch.bool)
+        if value.numel() != 1 or not right_kind:
+            raise ValueError(f"history state {name!r} must be a single {kind}, got {value.dtype} "
+                             f"of shape {tuple(value.shape)}")
+        number = value.item()
+        if not math.isfinite(number) or (name != "ema" and number < 0):
+            raise ValueError(f"history state {name!r} must be {wanted}, got {number!r}")

@@ -7,6 +7,7 @@ for float64 input), exactly as the compiled kernels do.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -14,6 +15,8 @@ import torch
 SCALE_MODES = ("group", "blend", "batch", "none")
 
 
+# A valid reward is a finite one: NaN and ±inf are "unscorable" (advantage 0, out of every
+# statistic and of the history).
 class BlendOutput(NamedTuple):
     advantages: torch.Tensor  # (N,), dtype of the rewards
     group_mean: torch.Tensor  # (G,), accumulation dtype; NaN for a group with no valid reward
@@ -27,9 +30,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def group_offsets(num_rewards: int, group_size: int | None, offsets: torch.Tensor | None,
                   device: torch.device) -> torch.Tensor:
+    """Group bounds as the kernels use them. Offsets are clamped to [0, N] and each bound raised
+    to at least the one before, so groups never overlap; valid offsets come out unchanged."""
     if offsets is not None:
-        return offsets.to(device=device, dtype=torch.int64)
+        clamped = offsets.to(device=device, dtype=torch.int64).clamp(0, num_rewards)
+        return clamped.cummax(0).values
     return torch.arange(0, num_rewards + 1, group_size, device=device, dtype=torch.int64)
+
+
+def usable_history(hist_mean: torch.Tensor, hist_var: torch.Tensor):
+    """A history that is not finite, or has σ_u² < 0, is ignored: H = σ_u² = 0, hence β = 0."""
+    if bool(hist_mean.isfinite()) and bool(hist_var.isfinite()) and float(hist_var) >= 0:
+        return hist_mean, hist_var
+    return torch.zeros_like(hist_mean), torch.zeros_like(hist_var)
 
 
 def _as_scalar(value, dtype, device) -> torch.Tensor:
@@ -37,9 +50,9 @@ def _as_scalar(value, dtype, device) -> torch.Tensor:
 
 
 def batch_std(rewards: torch.Tensor) -> torch.Tensor:
-    """Unbiased std over the non-NaN rewards of the whole call; 0 with fewer than two."""
+    """Unbiased std over the finite rewards of the whole call; 0 with fewer than two."""
     r = rewards.to(accumulation_dtype(rewards.dtype))
-    valid = ~torch.isnan(r)
+    valid = torch.isfinite(r)
     count = valid.sum()
     mean = torch.where(valid, r, 0).sum() / count.clamp(min=1)
     sq = torch.where(valid, (r - mean) ** 2, 0).sum()
@@ -50,7 +63,9 @@ def blend_terms(mu: torch.Tensor, var: torch.Tensor, hist_mean: torch.Tensor,
                 hist_var: torch.Tensor, eps: float, scale: str,
                 batch_scale: torch.Tensor | None = None):
     """β, baseline B and scale s of groups with mean μ and unbiased variance σ² (elementwise, so
-    one group or a tensor of groups). `batch_scale` is the s of scale="batch"."""
+    one group or a tensor of groups). `batch_scale` is the s of scale="batch". A group whose s is
+    not positive and finite, or whose B is not finite, is unusable: its advantages are 0, which
+    the caller gets from B = 0 and s = inf."""
     total = hist_var + var
     beta = torch.where(total > 0, hist_var / torch.where(total > 0, total, 1), 0)
     baseline = (1 - beta) * mu + beta * hist_mean
@@ -62,7 +77,8 @@ def blend_terms(mu: torch.Tensor, var: torch.Tensor, hist_mean: torch.Tensor,
         s = batch_scale
     else:
         s = torch.ones_like(mu)
-    return beta, baseline, s
+    usable = (s > 0) & s.isfinite() & baseline.isfinite()
+    return beta, torch.where(usable, baseline, 0), torch.where(usable, s, torch.inf)
 
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
@@ -75,15 +91,14 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
     device = rewards.device
     bounds = group_offsets(rewards.numel(), group_size, offsets, device).tolist()
     r = rewards.to(acc)
-    h = _as_scalar(hist_mean, acc, device)
-    u = _as_scalar(hist_var, acc, device)
+    h, u = usable_history(_as_scalar(hist_mean, acc, device), _as_scalar(hist_var, acc, device))
     batch_scale = batch_std(rewards) + eps if scale == "batch" else None
 
     advantages = torch.zeros_like(r)
     means, stds, betas = [], [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         group = r[start:end]
-        valid = ~torch.isnan(group)
+        valid = torch.isfinite(group)
         n = int(valid.sum())
         if n == 0:
             nan = torch.tensor(float("nan"), dtype=acc, device=device)
@@ -124,7 +139,7 @@ class HistoryReference:
 
     def push(self, group_means: torch.Tensor) -> None:
         for mu in group_means.double().tolist():
-            if mu != mu:
+            if not math.isfinite(mu):
                 continue
             self.ring[self.count % self.window] = mu
             self.count += 1

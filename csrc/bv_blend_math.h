@@ -21,33 +21,61 @@ using accumulate_t = std::conditional_t<std::is_same_v<scalar_t, double>, double
 
 enum class ScaleMode : int { Group = 0, Blend = 1, Batch = 2, None = 3 };
 
-// Group boundaries, clamped to [0, num_rewards] so that offsets which skipped validation can
-// never make a kernel read or write out of bounds (a decreasing pair is an empty group).
+// True for finite x: x - x is NaN exactly when x is NaN or ±inf. Written out rather than
+// std::isfinite so that host and device code share one definition (and vector lanes can use it).
+template <typename T>
+BVB_HOST_DEVICE bool is_finite(T x) {
+  return x - x == T(0);
+}
+
+// Group g's rewards are [start, end). With offsets, these come already normalised by
+// prepare_group_inputs (clamped to [0, N] and non-decreasing), so groups never overlap and never
+// reach outside the rewards; rewards before offsets[0] or from offsets[G] on belong to no group.
 BVB_HOST_DEVICE void group_bounds(const int64_t* offsets, int64_t group_size, int64_t group,
-                                  int64_t num_rewards, int64_t& start, int64_t& end) {
+                                  int64_t& start, int64_t& end) {
   if (offsets != nullptr) {
-    int64_t lo = offsets[group], hi = offsets[group + 1];
-    start = lo < 0 ? 0 : (lo > num_rewards ? num_rewards : lo);
-    end = hi < start ? start : (hi > num_rewards ? num_rewards : hi);
+    start = offsets[group];
+    end = offsets[group + 1];
   } else {
     start = group * group_size;
     end = start + group_size;
   }
 }
 
+// The history statistics a call blends with. H or σ_u² that is not finite, or σ_u² < 0 (only
+// reachable past validation: validate=False, torch.compile, the raw op), cannot be blended with;
+// such a history is ignored (H = σ_u² = 0, so β = 0), which keeps every advantage finite.
+template <typename acc_t>
+struct History {
+  acc_t mean;
+  acc_t var;
+};
+
+template <typename acc_t>
+BVB_HOST_DEVICE History<acc_t> usable_history(acc_t mean, acc_t var) {
+  if (is_finite(mean) && is_finite(var) && var >= acc_t(0)) return {mean, var};
+  return {acc_t(0), acc_t(0)};
+}
+
 template <typename acc_t>
 struct GroupBlend {
-  int64_t count;   // valid (non-NaN) rewards
-  acc_t mean;      // μ_g
-  acc_t var;       // σ_g², unbiased; 0 below two valid rewards
-  acc_t beta;      // σ_u² / (σ_u² + σ_g²), 0 when both vanish
-  acc_t baseline;  // B_g = (1 - β)·μ_g + β·H
-  acc_t scale;     // s_g of the chosen scale mode
+  int64_t count;    // valid (finite) rewards
+  acc_t mean;       // μ_g
+  acc_t var;        // σ_g², unbiased; 0 below two valid rewards
+  acc_t beta;       // σ_u² / (σ_u² + σ_g²), 0 when both vanish
+  acc_t baseline;   // B_g = (1 - β)·μ_g + β·H; 0 when the group is not usable
+  acc_t scale;      // s_g of the chosen scale mode
+  acc_t inv_scale;  // 1 / s_g; 0 when the group is not usable
+  // A group is usable when its scale is positive and finite and its baseline finite. An unusable
+  // group (eps = 0 with σ = 0, or moments that overflowed) gets advantage 0 and gradient 0:
+  // A = (r - baseline) * inv_scale is then exactly 0 for every finite r, without a branch.
+  bool usable;
 };
 
 // From a group's count, mean and sum of squared deviations to its baseline and scale.
-// `batch_scale` is only read in ScaleMode::Batch. A group without valid rewards is not blended:
-// callers write NaN statistics and zero advantages for it.
+// `batch_scale` is only read in ScaleMode::Batch; the history must come from usable_history.
+// A group without valid rewards is not blended: callers write NaN statistics and zero
+// advantages for it.
 template <typename acc_t>
 BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t sq_dev,
                                               acc_t hist_mean, acc_t hist_var, acc_t eps,
@@ -72,6 +100,9 @@ BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t s
     default:
       g.scale = acc_t(1);
   }
+  g.usable = g.scale > acc_t(0) && is_finite(g.scale) && is_finite(g.baseline);
+  g.inv_scale = g.usable ? acc_t(1) / g.scale : acc_t(0);
+  if (!g.usable) g.baseline = acc_t(0);
   return g;
 }
 
@@ -80,7 +111,8 @@ BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t s
 // (plus, in batch mode, a term through the batch std that the caller adds). Derivation: with
 // A_i = (r_i - B)/s, B = μ + β(H - μ), β = u/(u + σ²) and s = s(σ²), and dσ²/dr_j = 2(r_j-μ)/(n-1):
 //   dL/dr_j = g_j/s - Σg·(1-β)/(n s) - [Σg·(H-μ)·β'/s + Σg(r-B)·s'/s²] · 2(r_j-μ)/(n-1)
-// where β' = dβ/dσ² and s' = ds/dσ². The history statistics are constants.
+// where β' = dβ/dσ² and s' = ds/dσ². The history statistics are constants. An unusable group's
+// advantages are the constant 0, so its gradient is 0.
 template <typename acc_t>
 struct GroupGradient {
   acc_t self;
@@ -92,11 +124,11 @@ template <typename acc_t>
 BVB_HOST_DEVICE GroupGradient<acc_t> group_gradient(const GroupBlend<acc_t>& g, acc_t hist_mean,
                                                     acc_t hist_var, ScaleMode mode, acc_t sum_grad,
                                                     acc_t sum_grad_centered) {
-  GroupGradient<acc_t> out;
-  const acc_t inv_scale = acc_t(1) / g.scale;
+  GroupGradient<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
+  if (!g.usable) return out;
+  const acc_t inv_scale = g.inv_scale;
   out.self = inv_scale;
   out.shift = -sum_grad * (acc_t(1) - g.beta) * inv_scale / acc_t(g.count);
-  out.deviation = acc_t(0);
   if (g.count < 2) return out;
 
   const acc_t total = hist_var + g.var;

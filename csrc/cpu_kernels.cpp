@@ -69,6 +69,9 @@ struct Lanes {
     for (int l = 0; l < count; ++l) p[l] = static_cast<scalar_t>(v[l]);
   }
 
+  // All-ones lanes where v is finite: x - x is NaN exactly for NaN and ±inf (see is_finite).
+  static auto finite(vec v) { return v - v == vec{}; }
+
   static acc_t combine(vec v) {
     for (int width = size / 2; width > 0; width /= 2) {
       for (int l = 0; l < width; ++l) v[l] += v[l + width];
@@ -92,8 +95,7 @@ struct GroupMoments {
   acc_t sq_dev = 0;
 };
 
-// Moments of a group's valid rewards (NaN is the only value unequal to itself). K > 0 is the
-// group size known at compile time, which lets the compiler unroll small groups completely;
+// Moments of a group's valid (finite) rewards. K > 0 is the group size known at compile time, which lets the compiler unroll small groups completely;
 // K = 0 reads it from n.
 template <int K, typename scalar_t, typename acc_t>
 GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
@@ -107,8 +109,9 @@ GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
     vec sum = zero, valid = zero;
     L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
       const vec v = L::load(p + c + i, count);
-      sum += v == v ? v : zero;
-      valid += v == v ? one : zero;
+      const auto finite = L::finite(v);
+      sum += finite ? v : zero;
+      valid += finite ? one : zero;
     });
     total += L::combine(sum);
     m.count += static_cast<int64_t>(L::combine(valid));
@@ -118,8 +121,9 @@ GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
   for (int64_t c = 0; c < n; c += kChunk) {
     vec sq = zero;
     L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
-      const vec d = L::load(p + c + i, count) - m.mean;
-      sq += d == d ? d * d : zero;
+      const vec v = L::load(p + c + i, count);
+      const vec d = v - m.mean;
+      sq += L::finite(v) ? d * d : zero;
     });
     m.sq_dev += L::combine(sq);
   }
@@ -138,10 +142,11 @@ std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, in
   for (int64_t c = 0; c < n; c += kChunk) {
     vec sum = zero, centered = zero;
     L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
-      const vec d = L::load(p + c + i, count) - mean;
-      const vec g = d == d ? L::load(grad + c + i, count) : zero;
+      const vec v = L::load(p + c + i, count);
+      const auto finite = L::finite(v);
+      const vec g = finite ? L::load(grad + c + i, count) : zero;
       sum += g;
-      centered += d == d ? g * d : zero;
+      centered += finite ? g * (v - mean) : zero;
     });
     sum_grad += L::combine(sum);
     sum_centered += L::combine(centered);
@@ -192,7 +197,7 @@ struct CpuBatchMoments {
   double count = 0;
 };
 
-// scale="batch" statistics of the non-NaN rewards, deterministic across thread counts.
+// scale="batch" statistics of the finite rewards, deterministic across thread counts.
 CpuBatchMoments cpu_batch_moments(const at::Tensor& rewards) {
   CpuBatchMoments m;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
@@ -200,13 +205,13 @@ CpuBatchMoments cpu_batch_moments(const at::Tensor& rewards) {
     const scalar_t* r = rewards.data_ptr<scalar_t>();
     const int64_t n = rewards.numel();
     auto value = [&](int64_t i) { return static_cast<double>(r[i]); };
-    m.count = deterministic_sum(n, [&](int64_t i) { return std::isnan(value(i)) ? 0.0 : 1.0; });
+    m.count = deterministic_sum(n, [&](int64_t i) { return std::isfinite(value(i)) ? 1.0 : 0.0; });
     const double sum = deterministic_sum(n, [&](int64_t i) {
-      return std::isnan(value(i)) ? 0.0 : value(i);
+      return std::isfinite(value(i)) ? value(i) : 0.0;
     });
     m.mean = m.count > 0 ? sum / m.count : 0.0;
     const double sq = deterministic_sum(n, [&](int64_t i) {
-      return std::isnan(value(i)) ? 0.0 : (value(i) - m.mean) * (value(i) - m.mean);
+      return std::isfinite(value(i)) ? (value(i) - m.mean) * (value(i) - m.mean) : 0.0;
     });
     m.std = m.count >= 2 ? std::sqrt(sq / (m.count - 1)) : 0.0;
   });
@@ -230,6 +235,22 @@ double cpu_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
 }
 
+template <typename acc_t>
+History<acc_t> cpu_history(const at::Tensor& hist_mean, const at::Tensor& hist_var) {
+  return usable_history<acc_t>(acc_t(cpu_scalar(hist_mean)), acc_t(cpu_scalar(hist_var)));
+}
+
+// Writes 0 to the rewards that no group covers: those before offsets[0] and from offsets[G] on
+// (only possible with offsets that skipped validation).
+template <typename scalar_t>
+void zero_uncovered(const GroupInputs& in, scalar_t* out) {
+  const int64_t* offsets = in.offsets_ptr();
+  if (offsets == nullptr) return;
+  const int64_t num_rewards = in.rewards.numel();
+  std::fill(out, out + offsets[0], scalar_t(0));
+  std::fill(out + offsets[in.num_groups], out + num_rewards, scalar_t(0));
+}
+
 // Calls body(static_size, group, start, n) for every group, in parallel over groups; n is the
 // group's length, a compile-time constant (decltype(static_size)::value) for common fixed sizes.
 template <typename Body>
@@ -242,7 +263,7 @@ void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Body&
                      [&](int64_t first, int64_t last) {
       for (int64_t g = first; g < last; ++g) {
         int64_t start, end;
-        group_bounds(offsets, group_size, g, num_rewards, start, end);
+        group_bounds(offsets, group_size, g, start, end);
         body(static_size, g, start, K > 0 ? K : end - start);
       }
     });
@@ -255,8 +276,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
   const GroupInputs in =
       prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(in.rewards, in.num_groups);
-  const double h = cpu_scalar(hist_mean);
-  const double u = cpu_scalar(hist_var);
   const double batch_scale =
       in.mode == ScaleMode::Batch ? cpu_batch_moments(in.rewards).std + eps : 1.0;
 
@@ -264,8 +283,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
                                   "group_advantages_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
     using L = Lanes<acc_t>;
+    const auto history = cpu_history<acc_t>(hist_mean, hist_var);
     const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     scalar_t* adv = advantages.data_ptr<scalar_t>();
+    zero_uncovered(in, adv);
     acc_t* mean_out = group_mean.data_ptr<acc_t>();
     acc_t* std_out = group_std.data_ptr<acc_t>();
     acc_t* beta_out = beta.data_ptr<acc_t>();
@@ -278,15 +299,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
         std::fill(adv + start, adv + start + n, scalar_t(0));
         return;
       }
-      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u), acc_t(eps),
-                                        in.mode, acc_t(batch_scale));
+      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
+                                        acc_t(eps), in.mode, acc_t(batch_scale));
       mean_out[g] = b.mean;
       std_out[g] = std::sqrt(b.var);
       beta_out[g] = b.beta;
-      const acc_t inv_scale = acc_t(1) / b.scale;
       L::for_each(n, [&](int64_t i, int64_t count) {
         const typename L::vec v = L::load(r + start + i, count);
-        L::store(adv + start + i, v == v ? (v - b.baseline) * inv_scale : typename L::vec{}, count);
+        L::store(adv + start + i,
+                 L::finite(v) ? (v - b.baseline) * b.inv_scale : typename L::vec{}, count);
       });
     });
   });
@@ -301,13 +322,9 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
                                          c10::string_view scale) {
   const GroupInputs in =
       prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
-  TORCH_CHECK_VALUE(grad_in.sizes() == rewards_in.sizes() && advantages.sizes() == rewards_in.sizes(),
-                    "grad_advantages and advantages must have the rewards' shape ",
-                    rewards_in.sizes());
+  check_backward_inputs(grad_in, advantages, rewards_in);
   const at::Tensor grad = grad_in.to(in.rewards.scalar_type()).contiguous();
   at::Tensor grad_rewards = at::empty_like(in.rewards, at::MemoryFormat::Contiguous);
-  const double h = cpu_scalar(hist_mean);
-  const double u = cpu_scalar(hist_var);
   double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
   if (in.mode == ScaleMode::Batch) {
     const CpuBatchMoments moments = cpu_batch_moments(in.rewards);
@@ -320,9 +337,11 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
                                   "group_advantages_backward_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
     using L = Lanes<acc_t>;
+    const auto history = cpu_history<acc_t>(hist_mean, hist_var);
     const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
+    zero_uncovered(in, out);
     parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
@@ -332,32 +351,38 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
       }
       const auto [sum_grad, sum_grad_centered] =
           grad_moments<K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
-      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(h), acc_t(u), acc_t(eps),
-                                        in.mode, acc_t(batch_scale));
-      const auto c =
-          group_gradient<acc_t>(b, acc_t(h), acc_t(u), in.mode, sum_grad, sum_grad_centered);
+      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
+                                        acc_t(eps), in.mode, acc_t(batch_scale));
+      const auto c = group_gradient<acc_t>(b, history.mean, history.var, in.mode, sum_grad,
+                                           sum_grad_centered);
+      const acc_t group_batch_coef = b.usable ? acc_t(batch_coef) : acc_t(0);
       L::for_each(n, [&](int64_t i, int64_t count) {
         const typename L::vec v = L::load(r + start + i, count);
         const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
                                        c.deviation * (v - m.mean) +
-                                       acc_t(batch_coef) * (v - acc_t(batch_mean));
-        L::store(out + start + i, v == v ? grad_i : typename L::vec{}, count);
+                                       group_batch_coef * (v - acc_t(batch_mean));
+        L::store(out + start + i, L::finite(v) ? grad_i : typename L::vec{}, count);
       });
     });
   });
   return grad_rewards;
 }
 
+// Pushes the finite means in group order. The count is read as 0 when negative and saturates at
+// INT64_MAX, so whatever a (corrupted) state holds, every slot written lies inside the ring.
 template <typename acc_t>
 void push_group_means(const acc_t* means, int64_t num_groups, double* ring, int64_t window,
                       int64_t& count, double& ema, double alpha) {
+  uint64_t pushed = count < 0 ? 0 : static_cast<uint64_t>(count);
   for (int64_t g = 0; g < num_groups; ++g) {
     const double mu = static_cast<double>(means[g]);
-    if (std::isnan(mu)) continue;
-    ring[count % window] = mu;
-    ++count;
+    if (!std::isfinite(mu)) continue;
+    ring[pushed % static_cast<uint64_t>(window)] = mu;
+    ++pushed;
     ema = (1.0 - alpha) * ema + alpha * mu;
   }
+  constexpr auto kMaxCount = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  count = static_cast<int64_t>(std::min(pushed, kMaxCount));
 }
 
 double ring_variance(const double* ring, int64_t entries, int64_t min_history) {

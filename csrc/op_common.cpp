@@ -2,6 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
 namespace bv_blend {
 
 ScaleMode parse_scale(std::string_view scale) {
@@ -33,11 +37,13 @@ int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Te
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                        dtype == at::kDouble,
                    "rewards must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
   check_scalar_stat(hist_mean, rewards, "hist_mean");
   check_scalar_stat(hist_var, rewards, "hist_var");
   const int64_t n = rewards.numel();
   if (offsets.has_value()) {
+    TORCH_CHECK_VALUE(group_size == 0, "pass exactly one of group_size and offsets, got both "
+                      "(group_size = ", group_size, ")");
     const at::Tensor& o = *offsets;
     TORCH_CHECK_TYPE(o.scalar_type() == at::kLong, "offsets must be int64, got ", o.scalar_type());
     TORCH_CHECK_VALUE(o.dim() == 1 && o.numel() >= 1,
@@ -46,11 +52,31 @@ int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Te
                       rewards.device(), "), got ", o.device());
     return o.numel() - 1;
   }
-  TORCH_CHECK_VALUE(group_size >= 1, "group_size must be >= 1 when offsets is None, got ",
-                    group_size);
+  TORCH_CHECK_VALUE(group_size >= 1, "pass exactly one of group_size and offsets: group_size must "
+                    "be >= 1 when offsets is None, got ", group_size);
   TORCH_CHECK_VALUE(n % group_size == 0, "group_size (", group_size,
                     ") must divide the number of rewards (", n, ")");
   return n / group_size;
+}
+
+// Offsets as the kernels read them: clamped to [0, N] and made non-decreasing (each bound at
+// least the one before), so that every reward belongs to at most one group whatever the values.
+// Valid offsets pass through unchanged. On CPU one loop; elsewhere two ATen ops, computing the
+// same prefix maximum without a host synchronisation.
+static at::Tensor normalized_offsets(const at::Tensor& offsets, int64_t num_rewards) {
+  if (!offsets.device().is_cpu()) {
+    return std::get<0>(at::cummax(offsets.clamp(0, num_rewards), 0));
+  }
+  const at::Tensor in = offsets.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const int64_t* src = in.const_data_ptr<int64_t>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  int64_t bound = 0;
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    bound = std::max(bound, std::clamp(src[i], int64_t(0), num_rewards));
+    dst[i] = bound;
+  }
+  return out;
 }
 
 GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
@@ -60,14 +86,30 @@ GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<
   const int64_t num_groups =
       check_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps);
   return {mode, num_groups, rewards.contiguous(),
-          offsets.has_value() ? std::optional<at::Tensor>(offsets->contiguous()) : std::nullopt};
+          offsets.has_value()
+              ? std::optional<at::Tensor>(normalized_offsets(*offsets, rewards.numel()))
+              : std::nullopt};
+}
+
+void check_backward_inputs(const at::Tensor& grad_advantages, const at::Tensor& advantages,
+                           const at::Tensor& rewards) {
+  for (const auto& [tensor, name] : {std::pair{&grad_advantages, "grad_advantages"},
+                                     std::pair{&advantages, "advantages"}}) {
+    TORCH_CHECK_VALUE(tensor->device() == rewards.device(), name,
+                      " must be on the rewards' device (", rewards.device(), "), got ",
+                      tensor->device());
+    TORCH_CHECK_VALUE(tensor->sizes() == rewards.sizes(), name, " must have the rewards' shape ",
+                      rewards.sizes(), ", got ", tensor->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()), name,
+                     " must be a floating-point tensor, got ", tensor->scalar_type());
+  }
 }
 
 BatchMoments batch_moments(const at::Tensor& rewards) {
   const at::Tensor r = rewards.to(accumulation_type(rewards.scalar_type()));
-  const at::Tensor valid = r.isnan().logical_not();
+  const at::Tensor valid = r.isfinite();
   const at::Tensor count = valid.sum().to(r.scalar_type());
-  const at::Tensor mean = r.nansum() / count.clamp_min(1);
+  const at::Tensor mean = at::where(valid, r, at::zeros({}, r.options())).sum() / count.clamp_min(1);
   const at::Tensor centered = at::where(valid, r - mean, at::zeros({}, r.options()));
   const at::Tensor var = (centered * centered).sum() / (count - 1).clamp_min(1);
   const at::Tensor std = at::where(count >= 2, var.sqrt(), at::zeros({}, r.options()));

@@ -19,12 +19,13 @@ at::ScalarType accumulation_type(at::ScalarType reward_type);
 
 // Checks what can be checked without reading device memory and returns the number of groups.
 // Offsets' values (start 0, end N, non-decreasing) need a device sync; the Python layer checks
-// them when validate=True, and the kernels clamp them so bad values cannot fault.
+// them when validate=True, and prepare_group_inputs normalises them so bad values cannot fault.
 int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
                            int64_t group_size, const at::Tensor& hist_mean,
                            const at::Tensor& hist_var, double eps);
 
-// The checked, contiguous inputs of group_advantages and its backward, shared by every device.
+// The checked, contiguous inputs of group_advantages and its backward, shared by every device;
+// offsets come normalised (clamped to [0, N], non-decreasing: see group_bounds).
 struct GroupInputs {
   ScaleMode mode;
   int64_t num_groups;
@@ -39,8 +40,12 @@ GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<
                                  int64_t group_size, const at::Tensor& hist_mean,
                                  const at::Tensor& hist_var, double eps, std::string_view scale);
 
-// Mean and unbiased std (0 below two values) of the non-NaN rewards, as 0-dim tensors of the
-// accumulation dtype, and the number of non-NaN rewards.
+// grad_advantages and advantages of the backward: the rewards' device and shape, floating point.
+void check_backward_inputs(const at::Tensor& grad_advantages, const at::Tensor& advantages,
+                           const at::Tensor& rewards);
+
+// Mean and unbiased std (0 below two values) of the finite rewards, as 0-dim tensors of the
+// accumulation dtype, and the number of finite rewards.
 struct BatchMoments {
   at::Tensor mean;
   at::Tensor std;

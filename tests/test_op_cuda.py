@@ -13,7 +13,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-NAN = float("nan")
+NAN, INF = float("nan"), float("inf")
 SCALES = ("group", "blend", "batch", "none")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OPS = torch.ops.bv_blend
@@ -244,6 +244,107 @@ def test_device_mismatch_errors():
         est(rewards, offsets=cpu_offsets)
     for name, value in est.state_dict().items():
         assert torch.equal(value, before[name]) and value.device.type == "cuda", name
+
+
+def test_cpu_rewards_with_cuda_tensors_get_value_errors():
+    # The dispatcher sends these calls to the CUDA kernels, which must check before their device
+    # guard (a CPU device there is an internal error) and name the argument.
+    rewards = torch.tensor([1.0, 2.0, 4.0, 0.5])
+    h = torch.tensor(0.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\boffsets\b"):
+        OPS.group_advantages(rewards, torch.tensor([0, 2, 4], device="cuda"), 0, h, h, 1e-4,
+                             "blend")
+    with pytest.raises(ValueError, match=r"\bhist_var\b"):
+        OPS.group_advantages(rewards, None, 2, h, h.cuda(), 1e-4, "blend")
+    advantages = OPS.group_advantages(rewards, None, 2, h, h, 1e-4, "blend")[0]
+    with pytest.raises(ValueError, match=r"\bgrad_advantages\b"):
+        OPS.group_advantages_backward(torch.ones(4, device="cuda"), advantages, rewards, None, 2,
+                                      h, h, 1e-4, "blend")
+    cuda_rewards = rewards.cuda()
+    with pytest.raises(ValueError, match=r"\bgrad_advantages\b"):
+        OPS.group_advantages_backward(torch.ones(4), advantages.cuda(), cuda_rewards, None, 2,
+                                      h.cuda(), h.cuda(), 1e-4, "blend")
+    with pytest.raises(ValueError, match=r"\badvantages\b"):
+        OPS.group_advantages_backward(torch.ones(4, device="cuda"), advantages, cuda_rewards,
+                                      None, 2, h.cuda(), h.cuda(), 1e-4, "blend")
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinite_rewards_match_cpu(scale, dtype, assert_blend_close):
+    rewards = torch.tensor([INF, 1.0, 0.0, 1.0, -INF, -INF, INF, INF, 0.5, NAN, 0.25, 1.0,
+                            INF, 2.0, 3.0, -INF, INF, INF, 0.5, 0.5], dtype=dtype)
+    kwargs = dict(hist_mean=0.3, hist_var=0.1, scale=scale)
+    want = bv_blend_ext.blend_advantages(rewards, 4, **kwargs)
+    got = bv_blend_ext.blend_advantages(rewards.cuda(), 4, **kwargs)
+    assert_blend_close(got, want, dtype)
+    est = bv_blend_ext.BVBlend(window=4).cuda()
+    est(rewards.cuda(), group_size=4)
+    assert int(est.count) == 3 and torch.isfinite(est.ema) and torch.isfinite(est.var)
+
+
+@pytest.mark.parametrize("offsets", ([0, 4], [0], [0, 6, 4, 8], [3, 5, 8], [-4, 2, 12]),
+                         ids=str)
+def test_unvalidated_offsets_match_cpu(offsets, bits):
+    rewards = torch.tensor([0.3, 1.0, 0.0, 0.7, 0.9, 0.1, 0.5, 0.6], dtype=torch.float64)
+    offsets = torch.tensor(offsets)
+    results = []
+    for device in ("cpu", "cuda", "cuda"):
+        r = rewards.to(device).requires_grad_()
+        out = bv_blend_ext.blend_advantages(r, offsets=offsets.to(device), hist_mean=0.4,
+                                            hist_var=0.05, validate=False)
+        (grad,) = torch.autograd.grad((out.advantages * torch.arange(8.0, device=device)).sum(), r)
+        results.append((out.advantages.detach().cpu(), grad.cpu()))
+    assert torch.equal(bits(results[1][0]), bits(results[2][0]))  # no leftover memory
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", ("group", "blend", "batch"))
+def test_zero_scale_gives_zero_advantages(scale):
+    rewards = torch.ones(6, dtype=torch.float64, device="cuda", requires_grad=True)
+    out = bv_blend_ext.blend_advantages(rewards, 3, eps=0.0, scale=scale)
+    (grad,) = torch.autograd.grad(out.advantages.sum(), rewards)
+    assert int((out.advantages != 0).sum()) == 0 and int((grad != 0).sum()) == 0
+
+
+def test_unusable_history_is_ignored_on_cuda(bits):
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 1.0], device="cuda")
+    bad = torch.tensor(NAN, dtype=torch.float64, device="cuda")
+    got = bv_blend_ext.blend_advantages(rewards, 2, hist_mean=bad, hist_var=0.2, validate=False)
+    want = bv_blend_ext.blend_advantages(rewards, 2)
+    for a, b in zip(got, want):
+        assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("count", (-1, -7, -(2**62), 2**63 - 2))
+def test_history_update_stays_inside_the_ring(count):
+    ring = torch.full((4,), 9.0, dtype=torch.float64, device="cuda")
+    state = dict(count=torch.tensor(count, device="cuda"),
+                 ema=torch.tensor(0.0, dtype=torch.float64, device="cuda"),
+                 var=torch.tensor(0.0, dtype=torch.float64, device="cuda"))
+    OPS.update_history(torch.tensor([1.0, 2.0, 3.0, INF], device="cuda"), ring, state["count"],
+                       state["ema"], state["var"], 0.5, 2)
+    torch.cuda.synchronize()
+    assert sorted(ring.tolist())[:3] == [1.0, 2.0, 3.0]
+    assert int(state["count"]) == (3 if count < 0 else 2**63 - 1)
+    assert torch.isfinite(state["ema"]) and torch.isfinite(state["var"])
+
+
+def test_validation_synchronises_once():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 1.0], device="cuda")
+    offsets = torch.tensor([0, 2, 6], device="cuda")
+    hist = dict(hist_mean=torch.tensor(0.3, device="cuda"),
+                hist_var=torch.tensor(0.1, device="cuda"))
+    bv_blend_ext.blend_advantages(rewards, offsets=offsets, **hist)  # warm-up (allocations)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            bv_blend_ext.blend_advantages(rewards, offsets=offsets, **hist)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in record if "synchroniz" in str(w.message)]) == 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -34,13 +34,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
     const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
     const at::Tensor& hist_mean_in, const at::Tensor& hist_var_in, double eps,
     c10::string_view scale) {
-  const c10::cuda::CUDAGuard guard(rewards_in.device());
+  // Checked before the guard: a CPU rewards tensor (with CUDA offsets) must get the ValueError.
   const GroupInputs in = prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in,
                                               hist_var_in, eps, scale);
+  const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor& rewards = in.rewards;
   const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
   const at::Tensor hist_var = hist_var_in.to(at::kDouble);
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, in.num_groups);
+  // Offsets of no group at all: no kernel runs and every reward is uncovered.
+  if (in.num_groups == 0) advantages.zero_();
   const at::Tensor batch_scale =
       in.mode == ScaleMode::Batch ? batch_moments(rewards).std + eps : at::Tensor();
   const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
@@ -62,17 +65,16 @@ at::Tensor group_advantages_backward_cuda(const at::Tensor& grad_in, const at::T
                                           int64_t group_size, const at::Tensor& hist_mean_in,
                                           const at::Tensor& hist_var_in, double eps,
                                           c10::string_view scale) {
-  const c10::cuda::CUDAGuard guard(rewards_in.device());
   const GroupInputs in = prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in,
                                               hist_var_in, eps, scale);
-  TORCH_CHECK_VALUE(grad_in.sizes() == rewards_in.sizes() && advantages.sizes() == rewards_in.sizes(),
-                    "grad_advantages and advantages must have the rewards' shape ",
-                    rewards_in.sizes());
+  check_backward_inputs(grad_in, advantages, rewards_in);
+  const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor& rewards = in.rewards;
   const at::Tensor grad = grad_in.to(rewards.scalar_type()).contiguous();
   const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
   const at::Tensor hist_var = hist_var_in.to(at::kDouble);
   at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
+  if (in.num_groups == 0) grad_rewards.zero_();
   at::Tensor batch_scale, batch_mean, batch_coef;
   if (in.mode == ScaleMode::Batch) {
     const BatchMoments moments = batch_moments(rewards);

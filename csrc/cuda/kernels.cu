@@ -41,7 +41,7 @@ __device__ __forceinline__ float load<c10::BFloat16>(const c10::BFloat16* p) {
   return static_cast<float>(*p);
 }
 
-// Count, mean and squared deviations of the valid rewards of [start, end), identical in every
+// Count, mean and squared deviations of the valid (finite) rewards of [start, end), identical in every
 // lane of the team. Lanes past the last group run with an empty range so the shuffles stay full.
 template <typename scalar_t, int TEAM>
 struct TeamMoments {
@@ -55,7 +55,7 @@ struct TeamMoments {
     int64_t n = 0;
     for (int64_t i = start + lane; i < end; i += TEAM) {
       const acc_t v = load(r + i);
-      if (!isnan(v)) {
+      if (is_finite(v)) {
         sum += v;
         ++n;
       }
@@ -66,11 +66,30 @@ struct TeamMoments {
     acc_t sq = 0;
     for (int64_t i = start + lane; i < end; i += TEAM) {
       const acc_t v = load(r + i);
-      if (!isnan(v)) sq += (v - mean) * (v - mean);
+      if (is_finite(v)) sq += (v - mean) * (v - mean);
     }
     sq_dev = team_sum<TEAM>(sq);
   }
 };
+
+// Rewards outside every group (before offsets[0] or from offsets[G] on, possible only with
+// offsets that skipped validation) get 0: the first group's team writes the head, the last
+// group's team the tail. With fixed group sizes both ranges are empty.
+template <typename scalar_t, int TEAM>
+__device__ __forceinline__ void zero_uncovered(const GroupArgs& args, int64_t group, int64_t start,
+                                               int64_t end, int lane, scalar_t* out) {
+  if (group == 0) {
+    for (int64_t i = lane; i < start; i += TEAM) out[i] = scalar_t(0);
+  }
+  if (group == args.num_groups - 1) {
+    for (int64_t i = end + lane; i < args.num_rewards; i += TEAM) out[i] = scalar_t(0);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args) {
+  return usable_history<acc_t>(acc_t(*args.hist_mean), acc_t(*args.hist_var));
+}
 
 template <typename scalar_t, int TEAM>
 __global__ void __launch_bounds__(kThreads)
@@ -83,10 +102,11 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % TEAM;
   int64_t start = 0, end = 0;
   if (group < args.num_groups) {
-    group_bounds(args.offsets, args.group_size, group, args.num_rewards, start, end);
+    group_bounds(args.offsets, args.group_size, group, start, end);
   }
   const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
   if (group >= args.num_groups) return;
+  zero_uncovered<scalar_t, TEAM>(args, group, start, end, lane, advantages);
 
   if (m.count == 0) {
     if (lane == 0) {
@@ -97,18 +117,18 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const acc_t scale_of_batch = args.mode == ScaleMode::Batch ? *batch_scale : acc_t(1);
-  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, acc_t(*args.hist_mean),
-                                    acc_t(*args.hist_var), acc_t(args.eps), args.mode,
-                                    scale_of_batch);
+  const auto history = read_history<acc_t>(args);
+  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
+                                    acc_t(args.eps), args.mode, scale_of_batch);
   if (lane == 0) {
     group_mean[group] = b.mean;
     group_std[group] = sqrt(b.var);
     beta[group] = b.beta;
   }
-  const acc_t inv_scale = acc_t(1) / b.scale;
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
-    advantages[i] = isnan(v) ? scalar_t(0) : static_cast<scalar_t>((v - b.baseline) * inv_scale);
+    advantages[i] =
+        is_finite(v) ? static_cast<scalar_t>((v - b.baseline) * b.inv_scale) : scalar_t(0);
   }
 }
 
@@ -125,13 +145,13 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % TEAM;
   int64_t start = 0, end = 0;
   if (group < args.num_groups) {
-    group_bounds(args.offsets, args.group_size, group, args.num_rewards, start, end);
+    group_bounds(args.offsets, args.group_size, group, start, end);
   }
   const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
   acc_t sum_grad = 0, sum_grad_centered = 0;
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
-    if (isnan(v)) continue;
+    if (!is_finite(v)) continue;
     const acc_t g = load(grad + i);
     sum_grad += g;
     sum_grad_centered += g * (v - m.mean);
@@ -139,31 +159,35 @@ __global__ void __launch_bounds__(kThreads)
   sum_grad = team_sum<TEAM>(sum_grad);
   sum_grad_centered = team_sum<TEAM>(sum_grad_centered);
   if (group >= args.num_groups) return;
+  zero_uncovered<scalar_t, TEAM>(args, group, start, end, lane, grad_rewards);
 
   if (m.count == 0) {
     for (int64_t i = start + lane; i < end; i += TEAM) grad_rewards[i] = scalar_t(0);
     return;
   }
   const bool batch = args.mode == ScaleMode::Batch;
-  const acc_t h = acc_t(*args.hist_mean), u = acc_t(*args.hist_var);
-  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, h, u, acc_t(args.eps), args.mode,
-                                    batch ? *batch_scale : acc_t(1));
-  const auto c = group_gradient<acc_t>(b, h, u, args.mode, sum_grad, sum_grad_centered);
-  const acc_t coef = batch ? *batch_coef : acc_t(0);
+  const auto history = read_history<acc_t>(args);
+  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
+                                    acc_t(args.eps), args.mode, batch ? *batch_scale : acc_t(1));
+  const auto c = group_gradient<acc_t>(b, history.mean, history.var, args.mode, sum_grad,
+                                       sum_grad_centered);
+  const acc_t coef = batch && b.usable ? *batch_coef : acc_t(0);
   const acc_t center = batch ? *batch_mean : acc_t(0);
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
-    grad_rewards[i] = isnan(v) ? scalar_t(0)
-                               : static_cast<scalar_t>(c.self * load(grad + i) + c.shift +
-                                                       c.deviation * (v - m.mean) +
-                                                       coef * (v - center));
+    grad_rewards[i] = is_finite(v) ? static_cast<scalar_t>(c.self * load(grad + i) + c.shift +
+                                                           c.deviation * (v - m.mean) +
+                                                           coef * (v - center))
+                                   : scalar_t(0);
   }
 }
 
 // One block: the pushes of a call are ranked by an exclusive scan over "group has a valid reward",
 // so each of the last `window` valid means lands in its ring slot in parallel, and the EMA after m
 // pushes is evaluated in closed form, (1-α)^m·H + Σ_k α(1-α)^(m-1-k)·μ_k, with a fixed-order
-// block reduction. Then the ring's variance is refreshed for the next call.
+// block reduction. Then the ring's variance is refreshed for the next call. Only finite means
+// are pushed; a negative count is read as 0 and the count saturates at INT64_MAX, so no value of
+// the state can make a slot fall outside the ring.
 template <typename acc_t>
 __global__ void __launch_bounds__(kHistoryThreads)
     update_history_kernel(const acc_t* __restrict__ group_mean, int64_t num_groups, double* ring,
@@ -180,11 +204,11 @@ __global__ void __launch_bounds__(kHistoryThreads)
   __shared__ int64_t shared_int;
   __shared__ double shared_double;
   const int tid = threadIdx.x;
-  const int64_t pushed_before = *count;
+  const int64_t pushed_before = *count < 0 ? 0 : *count;
   const double ema_before = *ema;
 
   int64_t local_valid = 0;
-  for (int64_t g = tid; g < num_groups; g += kHistoryThreads) local_valid += !isnan(group_mean[g]);
+  for (int64_t g = tid; g < num_groups; g += kHistoryThreads) local_valid += is_finite(group_mean[g]);
   const int64_t total_valid = CountReduce(temp.count_reduce).Sum(local_valid);
   if (tid == 0) shared_int = total_valid;
   __syncthreads();
@@ -196,7 +220,7 @@ __global__ void __launch_bounds__(kHistoryThreads)
   int64_t carry = 0;
   for (int64_t base = 0; base < num_groups; base += kHistoryThreads) {
     const int64_t g = base + tid;
-    const bool valid = g < num_groups && !isnan(group_mean[g]);
+    const bool valid = g < num_groups && is_finite(group_mean[g]);
     int64_t rank, chunk_valid;
     CountScan(temp.scan).ExclusiveSum(int64_t(valid), rank, chunk_valid);
     __syncthreads();
@@ -204,14 +228,16 @@ __global__ void __launch_bounds__(kHistoryThreads)
     carry += chunk_valid;
     if (valid) {
       const double mu = static_cast<double>(group_mean[g]);
-      if (rank >= pushes - window) ring[(pushed_before + rank) % window] = mu;
+      if (rank >= pushes - window) {
+        ring[(static_cast<uint64_t>(pushed_before) + rank) % static_cast<uint64_t>(window)] = mu;
+      }
       weighted += alpha * pow(keep, static_cast<double>(pushes - 1 - rank)) * mu;
     }
   }
   const double weighted_sum = SumReduce(temp.sum).Sum(weighted);
   __syncthreads();
 
-  const int64_t pushed_after = pushed_before + pushes;
+  const int64_t pushed_after = pushes > INT64_MAX - pushed_before ? INT64_MAX : pushed_before + pushes;
   const int64_t entries = pushed_after < window ? pushed_after : window;
   double result_var = 0;
   if (entries >= (min_history > 2 ? min_history : 2)) {
