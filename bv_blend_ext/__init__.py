@@ -9,7 +9,7 @@ from . import _C  # noqa: F401  (loads the compiled library, which registers tor
 from . import _registrations  # noqa: F401
 from . import reference
 from .functional import blend_advantages
-from .module import BVBlend
+from .module import BlendStep, BVBlend
 from .reference import SCALE_MODES, BlendOutput
 
-__all__ = ["BVBlend", "BlendOutput", "SCALE_MODES", "blend_advantages", "reference"]
+__all__ = ["BVBlend", "BlendOutput", "BlendStep", "SCALE_MODES", "blend_advantages", "reference"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
@@ -12,11 +13,23 @@ from .functional import check_call, check_eps, check_scale, check_values
 from .reference import BlendOutput
 
 
+class BlendStep(NamedTuple):
+    """What one BVBlend.step returns."""
+
+    advantages: torch.Tensor  # (N,), dtype of the rewards
+    group_mean: torch.Tensor  # (G,); NaN for a group with no valid reward
+    group_std: torch.Tensor  # (G,)
+    beta: torch.Tensor  # (G,), the history's weight in each group's baseline
+    history_mean: torch.Tensor  # 0-dim float64: the H this call blended with
+    history_var: torch.Tensor  # 0-dim float64: the σ_u² this call used
+
+
 class BVBlend(torch.nn.Module):
     """Blends each group's mean with an EMA of past group means (see README, "The contract").
 
-    Calling it returns the advantages and then pushes every group mean with at least one valid
-    reward into the history, so all groups of a call share the pre-call H and σ_u².
+    Calling it returns the advantages (`step` returns them with every statistic) and then pushes
+    every group mean with at least one valid reward into the history, so all groups of a call
+    share the pre-call H and σ_u².
     """
 
     def __init__(self, window: int = 100, ema_decay: float | None = None,
@@ -66,8 +79,23 @@ class BVBlend(torch.nn.Module):
         self.var.zero_()
         self.last_stats = None
 
+    def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
+             offsets: torch.Tensor | None = None, validate: bool = True) -> BlendStep:
+        """Advantages of one call with everything a trainer logs: the group statistics, β, and
+        the H and σ_u² this call blended with (copies: the history has moved on by the return).
+        Then the history is updated."""
+        out, hist_mean, hist_var = self._blend_then_update(rewards, group_size, offsets, validate,
+                                                           keep_history=True)
+        return BlendStep(*out, hist_mean, hist_var)
+
     def forward(self, rewards: torch.Tensor, group_size: int | None = None, *,
                 offsets: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+        """The advantages alone (see step for the statistics); then the history is updated."""
+        keep = rewards.requires_grad and torch.is_grad_enabled()
+        return self._blend_then_update(rewards, group_size, offsets, validate,
+                                       keep_history=keep)[0].advantages
+
+    def _blend_then_update(self, rewards, group_size, offsets, validate: bool, keep_history: bool):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             check_call(rewards, group_size, offsets)
@@ -76,8 +104,9 @@ class BVBlend(torch.nn.Module):
         if moving:
             # The state follows the rewards, but only once the call has passed every check.
             hist_mean, hist_var = hist_mean.to(rewards.device), hist_var.to(rewards.device)
-        elif rewards.requires_grad and torch.is_grad_enabled():
-            # Autograd keeps these for backward, and the history update below overwrites them.
+        elif keep_history:
+            # The history update below overwrites the buffers in place; autograd and step's
+            # caller need the values this call used.
             hist_mean, hist_var = hist_mean.clone(), hist_var.clone()
         out = BlendOutput(*torch.ops.bv_blend.group_advantages(
             rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
@@ -88,7 +117,7 @@ class BVBlend(torch.nn.Module):
         torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count, self.ema,
                                           self.var, self.alpha, self.min_history)
         self.last_stats = BlendOutput(*(t.detach() for t in out)) if rewards.requires_grad else out
-        return out.advantages
+        return out, hist_mean, hist_var
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checked before anything is copied, so a corrupted or hand-edited state (a checkpoint

@@ -107,6 +107,27 @@ def test_groups_of_one_call_share_the_pre_call_history():
     assert float(est.history_mean) == -4.0  # the last group mean, as ema_decay = 1
 
 
+def test_step_returns_every_statistic_and_the_history_it_used(ragged_rewards, bits):
+    settings = dict(window=5, ema_decay=0.3, initial_baseline=0.2, min_history=2)
+    stepped, called = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings)
+    ref = reference.HistoryReference(**settings)
+    for rewards, groups in calls(torch.float32, ragged_rewards, count=4):
+        h, u = ref.ema, ref.variance
+        got = stepped.step(rewards, **groups)
+        advantages = called(rewards, **groups)
+        assert isinstance(got, bv_blend_ext.BlendStep)
+        assert torch.equal(bits(got.advantages), bits(advantages))
+        for name in ("group_mean", "group_std", "beta"):
+            assert torch.equal(bits(getattr(got, name)), bits(getattr(called.last_stats, name)))
+        torch.testing.assert_close(float(got.history_mean), h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(float(got.history_var), u, rtol=1e-5, atol=1e-6)
+        # Copies, not the live buffers that the update has already moved on.
+        assert got.history_mean.data_ptr() != stepped.ema.data_ptr()
+        ref.push(got.group_mean)
+    for name, value in stepped.state_dict().items():
+        assert torch.equal(value, called.state_dict()[name]), name
+
+
 def round_trip(state):
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -287,6 +287,21 @@ unsigned blocks_for(int64_t num_groups, int team) {
   return static_cast<unsigned>((num_groups * team + kThreads - 1) / kThreads);
 }
 
+// Launches a kernel over every group with the team size that suits them. `kernel_for` is a
+// callable taking the team size as a std::integral_constant and returning the kernel to launch,
+// so the forward and backward share the team choice, grid shape and launch check.
+template <typename KernelFor, typename... Args>
+void launch_over_groups(const GroupArgs& args, cudaStream_t stream, KernelFor&& kernel_for,
+                        Args&&... kernel_args) {
+  if (args.num_groups == 0) return;
+  with_team(team_for(args), [&](auto team_constant) {
+    constexpr int TEAM = decltype(team_constant)::value;
+    kernel_for(team_constant)<<<blocks_for(args.num_groups, TEAM), kThreads, 0, stream>>>(
+        args, kernel_args...);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -294,14 +309,10 @@ void launch_group_forward(const GroupArgs& args, const scalar_t* rewards,
                           const accumulate_t<scalar_t>* batch_scale, scalar_t* advantages,
                           accumulate_t<scalar_t>* group_mean, accumulate_t<scalar_t>* group_std,
                           accumulate_t<scalar_t>* beta, cudaStream_t stream) {
-  if (args.num_groups == 0) return;
-  const int team = team_for(args);
-  with_team(team, [&](auto team_constant) {
-    constexpr int TEAM = decltype(team_constant)::value;
-    group_forward_kernel<scalar_t, TEAM><<<blocks_for(args.num_groups, TEAM), kThreads, 0, stream>>>(
-        args, rewards, batch_scale, advantages, group_mean, group_std, beta);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_over_groups(
+      args, stream,
+      [](auto team) { return group_forward_kernel<scalar_t, decltype(team)::value>; }, rewards,
+      batch_scale, advantages, group_mean, group_std, beta);
 }
 
 template <typename scalar_t>
@@ -310,14 +321,10 @@ void launch_group_backward(const GroupArgs& args, const scalar_t* rewards,
                            const accumulate_t<scalar_t>* batch_mean,
                            const accumulate_t<scalar_t>* batch_coef, scalar_t* grad_rewards,
                            cudaStream_t stream) {
-  if (args.num_groups == 0) return;
-  const int team = team_for(args);
-  with_team(team, [&](auto team_constant) {
-    constexpr int TEAM = decltype(team_constant)::value;
-    group_backward_kernel<scalar_t, TEAM><<<blocks_for(args.num_groups, TEAM), kThreads, 0, stream>>>(
-        args, rewards, grad_advantages, batch_scale, batch_mean, batch_coef, grad_rewards);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_over_groups(
+      args, stream,
+      [](auto team) { return group_backward_kernel<scalar_t, decltype(team)::value>; }, rewards,
+      grad_advantages, batch_scale, batch_mean, batch_coef, grad_rewards);
 }
 
 template <typename acc_t>

@@ -19,7 +19,7 @@ OP_SCALES = {"grpo": "group", "dr_grpo": "none", "batch": "batch"}
 
 
 class Advantages(NamedTuple):
-    advantages: torch.Tensor  # (N,), 0 where the reward is NaN
+    advantages: torch.Tensor  # (N,), 0 where the reward is NaN or ±inf
     group_mean: torch.Tensor  # (G,)
     group_std: torch.Tensor  # (G,), unbiased; NaN for a group with no valid reward
     beta: torch.Tensor  # (G,), weight of the history in each group's baseline
@@ -28,11 +28,11 @@ class Advantages(NamedTuple):
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> bv_blend_ext.BlendOutput:
-    """REINFORCE leave-one-out: each reward minus the mean of the other valid rewards of its group
-    (0 for a NaN reward, and for the only valid reward of a group). Unscaled."""
+    """REINFORCE leave-one-out: each reward minus the mean of the other valid (finite) rewards of
+    its group (0 for an unscorable reward, and for the only valid reward of a group). Unscaled."""
     acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(acc).view(-1, group_size)
-    valid = ~torch.isnan(r)
+    valid = torch.isfinite(r)
     n = valid.sum(1, keepdim=True).to(acc)
     values = torch.where(valid, r, 0)
     total = values.sum(1, keepdim=True)
@@ -65,10 +65,9 @@ class AdvantageEstimator:
 
     def __call__(self, rewards: torch.Tensor, group_size: int) -> Advantages:
         if self.blend is not None:
-            h, u = float(self.blend.history_mean), float(self.blend.history_var)
-            advantages = self.blend(rewards, group_size=group_size)
-            stats = self.blend.last_stats
-            return Advantages(advantages, stats.group_mean, stats.group_std, stats.beta, h, u)
+            step = self.blend.step(rewards, group_size=group_size)
+            return Advantages(step.advantages, step.group_mean, step.group_std, step.beta,
+                              float(step.history_mean), float(step.history_var))
         if self.name == "rloo":
             out = rloo_advantages(rewards, group_size)
         else:
