@@ -85,20 +85,21 @@ class BVBlend(torch.nn.Module):
         the H and σ_u² this call blended with (copies: the history has moved on by the return).
         Then the history is updated."""
         out, hist_mean, hist_var = self._blend_then_update(rewards, group_size, offsets, validate,
-                                                           keep_history=True)
+                                                           return_history=True)
         return BlendStep(*out, hist_mean, hist_var)
 
     def forward(self, rewards: torch.Tensor, group_size: int | None = None, *,
                 offsets: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
         """The advantages alone (see step for the statistics); then the history is updated."""
-        keep = rewards.requires_grad and torch.is_grad_enabled()
         return self._blend_then_update(rewards, group_size, offsets, validate,
-                                       keep_history=keep)[0].advantages
+                                       return_history=False)[0].advantages
 
-    def _blend_then_update(self, rewards, group_size, offsets, validate: bool, keep_history: bool):
+    def _blend_then_update(self, rewards, group_size, offsets, validate: bool,
+                           return_history: bool):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             check_call(rewards, group_size, offsets)
+        keep_history = return_history or (rewards.requires_grad and torch.is_grad_enabled())
         hist_mean, hist_var = self.ema, self.var
         moving = hist_mean.device != rewards.device
         if moving:

@@ -57,6 +57,21 @@ BVB_HOST_DEVICE History<acc_t> usable_history(acc_t mean, acc_t var) {
   return {acc_t(0), acc_t(0)};
 }
 
+// scale="batch": the unbiased std of the call's valid rewards from their count and sum of squared
+// deviations; 0 below two. Each device supplies the two sums from its own deterministic reduction.
+template <typename acc_t>
+BVB_HOST_DEVICE acc_t batch_std(acc_t count, acc_t sq_dev) {
+  return count >= acc_t(2) ? std::sqrt(sq_dev / (count - acc_t(1))) : acc_t(0);
+}
+
+// The gradient through the batch std of scale="batch", folded into one coefficient per reward:
+// grad_j += coef * (r_j - batch mean), where grad_dot_adv = Σ_i g_i A_i. Zero when the std is 0.
+template <typename acc_t>
+BVB_HOST_DEVICE acc_t batch_scale_coefficient(acc_t grad_dot_adv, acc_t count, acc_t std,
+                                              acc_t eps) {
+  return std > acc_t(0) ? -grad_dot_adv / (std + eps) / ((count - acc_t(1)) * std) : acc_t(0);
+}
+
 template <typename acc_t>
 struct GroupBlend {
   int64_t count;    // valid (finite) rewards

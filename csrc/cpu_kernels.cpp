@@ -191,13 +191,14 @@ double deterministic_sum(int64_t n, const Term& term) {
   return total;
 }
 
+// Count, mean and sum of squared deviations of the call's finite rewards (scale="batch"), in
+// fixed chunks: the same bits for any thread count.
 struct CpuBatchMoments {
-  double mean = 0;
-  double std = 0;
   double count = 0;
+  double mean = 0;
+  double sq_dev = 0;
 };
 
-// scale="batch" statistics of the finite rewards, deterministic across thread counts.
 CpuBatchMoments cpu_batch_moments(const at::Tensor& rewards) {
   CpuBatchMoments m;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
@@ -210,24 +211,19 @@ CpuBatchMoments cpu_batch_moments(const at::Tensor& rewards) {
       return std::isfinite(value(i)) ? value(i) : 0.0;
     });
     m.mean = m.count > 0 ? sum / m.count : 0.0;
-    const double sq = deterministic_sum(n, [&](int64_t i) {
+    m.sq_dev = deterministic_sum(n, [&](int64_t i) {
       return std::isfinite(value(i)) ? (value(i) - m.mean) * (value(i) - m.mean) : 0.0;
     });
-    m.std = m.count >= 2 ? std::sqrt(sq / (m.count - 1)) : 0.0;
   });
   return m;
 }
 
-// d loss / d (batch scale) folded into grad_j += coef * (r_j - batch_mean); zero when std is 0.
-double cpu_batch_scale_coefficient(const CpuBatchMoments& m, const at::Tensor& grad,
-                                   const at::Tensor& advantages, double eps) {
-  if (!(m.std > 0)) return 0.0;
-  const at::Tensor g = grad.to(at::kDouble).contiguous();
-  const at::Tensor a = advantages.to(at::kDouble).contiguous();
-  const double* gp = g.data_ptr<double>();
+double cpu_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const at::Tensor a = a_in.to(at::kDouble).contiguous();
+  const at::Tensor b = b_in.to(at::kDouble).contiguous();
   const double* ap = a.data_ptr<double>();
-  const double grad_dot_adv = deterministic_sum(g.numel(), [&](int64_t i) { return gp[i] * ap[i]; });
-  return -grad_dot_adv / (m.std + eps) / ((m.count - 1) * m.std);
+  const double* bp = b.data_ptr<double>();
+  return deterministic_sum(a.numel(), [&](int64_t i) { return ap[i] * bp[i]; });
 }
 
 // A 0-dim CPU tensor's value; reads float64 (what BVBlend's buffers hold) without a dispatch.
@@ -276,8 +272,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
   const GroupInputs in =
       prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(in.rewards, in.num_groups);
-  const double batch_scale =
-      in.mode == ScaleMode::Batch ? cpu_batch_moments(in.rewards).std + eps : 1.0;
+  double batch_scale = 1.0;
+  if (in.mode == ScaleMode::Batch) {
+    const CpuBatchMoments moments = cpu_batch_moments(in.rewards);
+    batch_scale = batch_std(moments.count, moments.sq_dev) + eps;
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),
                                   "group_advantages_cpu", [&] {
@@ -328,9 +327,10 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
   double batch_scale = 1.0, batch_mean = 0.0, batch_coef = 0.0;
   if (in.mode == ScaleMode::Batch) {
     const CpuBatchMoments moments = cpu_batch_moments(in.rewards);
-    batch_scale = moments.std + eps;
+    const double std = batch_std(moments.count, moments.sq_dev);
+    batch_scale = std + eps;
     batch_mean = moments.mean;
-    batch_coef = cpu_batch_scale_coefficient(moments, grad, advantages, eps);
+    batch_coef = batch_scale_coefficient(cpu_dot(grad, advantages), moments.count, std, eps);
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.rewards.scalar_type(),

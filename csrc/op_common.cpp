@@ -105,27 +105,6 @@ void check_backward_inputs(const at::Tensor& grad_advantages, const at::Tensor& 
   }
 }
 
-BatchMoments batch_moments(const at::Tensor& rewards) {
-  const at::Tensor r = rewards.to(accumulation_type(rewards.scalar_type()));
-  const at::Tensor valid = r.isfinite();
-  const at::Tensor count = valid.sum().to(r.scalar_type());
-  const at::Tensor mean = at::where(valid, r, at::zeros({}, r.options())).sum() / count.clamp_min(1);
-  const at::Tensor centered = at::where(valid, r - mean, at::zeros({}, r.options()));
-  const at::Tensor var = (centered * centered).sum() / (count - 1).clamp_min(1);
-  const at::Tensor std = at::where(count >= 2, var.sqrt(), at::zeros({}, r.options()));
-  return {mean, std, count};
-}
-
-at::Tensor batch_scale_coefficient(const BatchMoments& moments, const at::Tensor& grad_advantages,
-                                   const at::Tensor& advantages, double eps) {
-  const auto acc = moments.std.scalar_type();
-  const at::Tensor grad_dot_adv = (grad_advantages.to(acc) * advantages.to(acc)).sum();
-  const at::Tensor scale = moments.std + eps;
-  const at::Tensor denom = (moments.count - 1).clamp_min(1) * moments.std;
-  const at::Tensor coef = -grad_dot_adv / scale / at::where(denom > 0, denom, at::ones_like(denom));
-  return at::where(moments.std > 0, coef, at::zeros_like(coef));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_outputs(
     const at::Tensor& rewards, int64_t num_groups) {
   const auto stats = rewards.options().dtype(accumulation_type(rewards.scalar_type()));

@@ -1,6 +1,5 @@
-// Device-independent halves of the op implementations: argument checks and output allocation,
-// and the batch-wide moments of scale="batch" composed from ATen ops (used on CUDA, where ATen's
-// reductions are run-to-run deterministic; the CPU kernels reduce in fixed chunks instead).
+// Device-independent halves of the op implementations: argument checks, the normalised inputs
+// and output allocation, shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -43,20 +42,6 @@ GroupInputs prepare_group_inputs(const at::Tensor& rewards, const std::optional<
 // grad_advantages and advantages of the backward: the rewards' device and shape, floating point.
 void check_backward_inputs(const at::Tensor& grad_advantages, const at::Tensor& advantages,
                            const at::Tensor& rewards);
-
-// Mean and unbiased std (0 below two values) of the finite rewards, as 0-dim tensors of the
-// accumulation dtype, and the number of finite rewards.
-struct BatchMoments {
-  at::Tensor mean;
-  at::Tensor std;
-  at::Tensor count;
-};
-BatchMoments batch_moments(const at::Tensor& rewards);
-
-// d loss / d (batch scale) folded into one coefficient per reward deviation from the batch mean:
-// grad_j += coef * (r_j - batch_mean). Zero when the batch std is zero.
-at::Tensor batch_scale_coefficient(const BatchMoments& moments, const at::Tensor& grad_advantages,
-                                   const at::Tensor& advantages, double eps);
 
 // (advantages, group_mean, group_std, beta) allocated on the rewards' device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_outputs(

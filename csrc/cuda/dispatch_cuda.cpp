@@ -30,6 +30,36 @@ const T* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// The sums behind scale="batch" as 0-dim device tensors of the accumulation dtype, from ATen's
+// reductions (run-to-run deterministic on CUDA); the kernels apply the formulas. Undefined
+// tensors in every other mode.
+struct BatchSumTensors {
+  at::Tensor count, mean, sq_dev, grad_dot_adv;
+
+  template <typename acc_t>
+  cuda::BatchSums<acc_t> pointers() const {
+    return {optional_ptr<acc_t>(count), optional_ptr<acc_t>(mean), optional_ptr<acc_t>(sq_dev),
+            optional_ptr<acc_t>(grad_dot_adv)};
+  }
+};
+
+BatchSumTensors batch_sums(const GroupInputs& in, const at::Tensor* grad = nullptr,
+                           const at::Tensor* advantages = nullptr) {
+  BatchSumTensors sums;
+  if (in.mode != ScaleMode::Batch) return sums;
+  const at::Tensor r = in.rewards.to(accumulation_type(in.rewards.scalar_type()));
+  const at::Tensor valid = r.isfinite();
+  const at::Tensor zero = at::zeros({}, r.options());
+  sums.count = valid.sum().to(r.scalar_type());
+  sums.mean = at::where(valid, r, zero).sum() / sums.count.clamp_min(1);
+  const at::Tensor centered = at::where(valid, r - sums.mean, zero);
+  sums.sq_dev = (centered * centered).sum();
+  if (grad != nullptr) {
+    sums.grad_dot_adv = (grad->to(r.scalar_type()) * advantages->to(r.scalar_type())).sum();
+  }
+  return sums;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda(
     const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
     const at::Tensor& hist_mean_in, const at::Tensor& hist_var_in, double eps,
@@ -44,15 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, in.num_groups);
   // Offsets of no group at all: no kernel runs and every reward is uncovered.
   if (in.num_groups == 0) advantages.zero_();
-  const at::Tensor batch_scale =
-      in.mode == ScaleMode::Batch ? batch_moments(rewards).std + eps : at::Tensor();
+  const BatchSumTensors batch = batch_sums(in);
   const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_cuda", [&] {
     using acc_t = accumulate_t<scalar_t>;
     cuda::launch_group_forward<scalar_t>(
-        args, rewards.data_ptr<scalar_t>(), optional_ptr<acc_t>(batch_scale),
+        args, rewards.data_ptr<scalar_t>(), batch.pointers<acc_t>(),
         advantages.data_ptr<scalar_t>(), group_mean.data_ptr<acc_t>(), group_std.data_ptr<acc_t>(),
         beta.data_ptr<acc_t>(), stream);
   });
@@ -75,22 +104,15 @@ at::Tensor group_advantages_backward_cuda(const at::Tensor& grad_in, const at::T
   const at::Tensor hist_var = hist_var_in.to(at::kDouble);
   at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
   if (in.num_groups == 0) grad_rewards.zero_();
-  at::Tensor batch_scale, batch_mean, batch_coef;
-  if (in.mode == ScaleMode::Batch) {
-    const BatchMoments moments = batch_moments(rewards);
-    batch_scale = moments.std + eps;
-    batch_mean = moments.mean;
-    batch_coef = batch_scale_coefficient(moments, grad, advantages, eps);
-  }
+  const BatchSumTensors batch = batch_sums(in, &grad, &advantages);
   const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_backward_cuda", [&] {
     using acc_t = accumulate_t<scalar_t>;
     cuda::launch_group_backward<scalar_t>(
-        args, rewards.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-        optional_ptr<acc_t>(batch_scale), optional_ptr<acc_t>(batch_mean),
-        optional_ptr<acc_t>(batch_coef), grad_rewards.data_ptr<scalar_t>(), stream);
+        args, rewards.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), batch.pointers<acc_t>(),
+        grad_rewards.data_ptr<scalar_t>(), stream);
   });
   return grad_rewards;
 }

@@ -91,10 +91,15 @@ __device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args) {
   return usable_history<acc_t>(acc_t(*args.hist_mean), acc_t(*args.hist_var));
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t read_batch_std(const BatchSums<acc_t>& batch) {
+  return batch_std<acc_t>(*batch.count, *batch.sq_dev);
+}
+
 template <typename scalar_t, int TEAM>
 __global__ void __launch_bounds__(kThreads)
     group_forward_kernel(GroupArgs args, const scalar_t* __restrict__ rewards,
-                         const accumulate_t<scalar_t>* __restrict__ batch_scale,
+                         BatchSums<accumulate_t<scalar_t>> batch,
                          scalar_t* __restrict__ advantages, accumulate_t<scalar_t>* group_mean,
                          accumulate_t<scalar_t>* group_std, accumulate_t<scalar_t>* beta) {
   using acc_t = accumulate_t<scalar_t>;
@@ -116,7 +121,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = start + lane; i < end; i += TEAM) advantages[i] = scalar_t(0);
     return;
   }
-  const acc_t scale_of_batch = args.mode == ScaleMode::Batch ? *batch_scale : acc_t(1);
+  const acc_t scale_of_batch =
+      args.mode == ScaleMode::Batch ? read_batch_std(batch) + acc_t(args.eps) : acc_t(1);
   const auto history = read_history<acc_t>(args);
   const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
                                     acc_t(args.eps), args.mode, scale_of_batch);
@@ -136,9 +142,7 @@ template <typename scalar_t, int TEAM>
 __global__ void __launch_bounds__(kThreads)
     group_backward_kernel(GroupArgs args, const scalar_t* __restrict__ rewards,
                           const scalar_t* __restrict__ grad,
-                          const accumulate_t<scalar_t>* __restrict__ batch_scale,
-                          const accumulate_t<scalar_t>* __restrict__ batch_mean,
-                          const accumulate_t<scalar_t>* __restrict__ batch_coef,
+                          BatchSums<accumulate_t<scalar_t>> batch,
                           scalar_t* __restrict__ grad_rewards) {
   using acc_t = accumulate_t<scalar_t>;
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM;
@@ -165,14 +169,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = start + lane; i < end; i += TEAM) grad_rewards[i] = scalar_t(0);
     return;
   }
-  const bool batch = args.mode == ScaleMode::Batch;
+  const bool batch_mode = args.mode == ScaleMode::Batch;
+  const acc_t eps = acc_t(args.eps);
+  const acc_t std_of_batch = batch_mode ? read_batch_std(batch) : acc_t(0);
   const auto history = read_history<acc_t>(args);
-  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
-                                    acc_t(args.eps), args.mode, batch ? *batch_scale : acc_t(1));
+  const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var, eps,
+                                    args.mode, batch_mode ? std_of_batch + eps : acc_t(1));
   const auto c = group_gradient<acc_t>(b, history.mean, history.var, args.mode, sum_grad,
                                        sum_grad_centered);
-  const acc_t coef = batch && b.usable ? *batch_coef : acc_t(0);
-  const acc_t center = batch ? *batch_mean : acc_t(0);
+  const acc_t coef = batch_mode && b.usable
+                         ? batch_scale_coefficient(*batch.grad_dot_adv, *batch.count, std_of_batch, eps)
+                         : acc_t(0);
+  const acc_t center = batch_mode ? *batch.mean : acc_t(0);
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
     grad_rewards[i] = is_finite(v) ? static_cast<scalar_t>(c.self * load(grad + i) + c.shift +
@@ -306,25 +314,23 @@ void launch_over_groups(const GroupArgs& args, cudaStream_t stream, KernelFor&& 
 
 template <typename scalar_t>
 void launch_group_forward(const GroupArgs& args, const scalar_t* rewards,
-                          const accumulate_t<scalar_t>* batch_scale, scalar_t* advantages,
+                          BatchSums<accumulate_t<scalar_t>> batch, scalar_t* advantages,
                           accumulate_t<scalar_t>* group_mean, accumulate_t<scalar_t>* group_std,
                           accumulate_t<scalar_t>* beta, cudaStream_t stream) {
   launch_over_groups(
       args, stream,
       [](auto team) { return group_forward_kernel<scalar_t, decltype(team)::value>; }, rewards,
-      batch_scale, advantages, group_mean, group_std, beta);
+      batch, advantages, group_mean, group_std, beta);
 }
 
 template <typename scalar_t>
 void launch_group_backward(const GroupArgs& args, const scalar_t* rewards,
-                           const scalar_t* grad_advantages, const accumulate_t<scalar_t>* batch_scale,
-                           const accumulate_t<scalar_t>* batch_mean,
-                           const accumulate_t<scalar_t>* batch_coef, scalar_t* grad_rewards,
-                           cudaStream_t stream) {
+                           const scalar_t* grad_advantages, BatchSums<accumulate_t<scalar_t>> batch,
+                           scalar_t* grad_rewards, cudaStream_t stream) {
   launch_over_groups(
       args, stream,
       [](auto team) { return group_backward_kernel<scalar_t, decltype(team)::value>; }, rewards,
-      grad_advantages, batch_scale, batch_mean, batch_coef, grad_rewards);
+      grad_advantages, batch, grad_rewards);
 }
 
 template <typename acc_t>
@@ -338,13 +344,12 @@ void launch_update_history(const acc_t* group_mean, int64_t num_groups, double* 
 }
 
 #define BV_BLEND_INSTANTIATE(scalar_t)                                                          \
-  template void launch_group_forward<scalar_t>(const GroupArgs&, const scalar_t*,               \
-                                               const accumulate_t<scalar_t>*, scalar_t*,         \
-                                               accumulate_t<scalar_t>*, accumulate_t<scalar_t>*, \
-                                               accumulate_t<scalar_t>*, cudaStream_t);           \
-  template void launch_group_backward<scalar_t>(                                                \
-      const GroupArgs&, const scalar_t*, const scalar_t*, const accumulate_t<scalar_t>*,        \
-      const accumulate_t<scalar_t>*, const accumulate_t<scalar_t>*, scalar_t*, cudaStream_t);
+  template void launch_group_forward<scalar_t>(                                                 \
+      const GroupArgs&, const scalar_t*, BatchSums<accumulate_t<scalar_t>>, scalar_t*,          \
+      accumulate_t<scalar_t>*, accumulate_t<scalar_t>*, accumulate_t<scalar_t>*, cudaStream_t); \
+  template void launch_group_backward<scalar_t>(const GroupArgs&, const scalar_t*,              \
+                                                const scalar_t*, BatchSums<accumulate_t<scalar_t>>, \
+                                                scalar_t*, cudaStream_t);
 
 BV_BLEND_INSTANTIATE(c10::Half)
 BV_BLEND_INSTANTIATE(c10::BFloat16)

@@ -21,19 +21,28 @@ struct GroupArgs {
   ScaleMode mode;
 };
 
+// Device scalars of scale="batch", read only in ScaleMode::Batch (all nullptr otherwise): the
+// count, mean and sum of squared deviations of the call's valid rewards, and for the backward
+// Σ grad_advantages·advantages. The kernels turn them into the scale and its gradient with the
+// formulas of bv_blend_math.h, the ones the CPU kernels use.
+template <typename acc_t>
+struct BatchSums {
+  const acc_t* count;
+  const acc_t* mean;
+  const acc_t* sq_dev;
+  const acc_t* grad_dot_adv;
+};
+
 template <typename scalar_t>
 void launch_group_forward(const GroupArgs& args, const scalar_t* rewards,
-                          const accumulate_t<scalar_t>* batch_scale, scalar_t* advantages,
+                          BatchSums<accumulate_t<scalar_t>> batch, scalar_t* advantages,
                           accumulate_t<scalar_t>* group_mean, accumulate_t<scalar_t>* group_std,
                           accumulate_t<scalar_t>* beta, cudaStream_t stream);
 
-// batch_* are device scalars read only in ScaleMode::Batch (nullptr otherwise).
 template <typename scalar_t>
 void launch_group_backward(const GroupArgs& args, const scalar_t* rewards,
-                           const scalar_t* grad_advantages, const accumulate_t<scalar_t>* batch_scale,
-                           const accumulate_t<scalar_t>* batch_mean,
-                           const accumulate_t<scalar_t>* batch_coef, scalar_t* grad_rewards,
-                           cudaStream_t stream);
+                           const scalar_t* grad_advantages, BatchSums<accumulate_t<scalar_t>> batch,
+                           scalar_t* grad_rewards, cudaStream_t stream);
 
 template <typename acc_t>
 void launch_update_history(const acc_t* group_mean, int64_t num_groups, double* ring,
