@@ -265,6 +265,25 @@ def test_history_survives_save_and_resume(model_dir, tmp_path):
     assert int(resumed.bv_blend.state_dict()["count"]) == 8
 
 
+def test_resume_without_state_file_warns_and_starts_empty(model_dir, tmp_path, caplog):
+    first = make_trainer(model_dir, make_args(tmp_path, max_steps=1, save_strategy="steps",
+                                              save_steps=1))
+    first.train()
+    assert int(first.bv_blend.state_dict()["count"]) == 2
+    # As if the checkpoint had been written by plain GRPOTrainer.
+    checkpoint = tmp_path / "checkpoint-1"
+    (checkpoint / STATE_FILE).unlink()
+
+    resumed = make_trainer(model_dir, make_args(tmp_path, max_steps=2))
+    with caplog.at_level("WARNING", logger="bv_blend.trl"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert any(STATE_FILE in record.getMessage() and "empty history" in record.getMessage()
+               for record in caplog.records)
+    assert len(resumed.calls) == 1
+    assert int(resumed.calls[0]["state_before"]["count"]) == 0
+    assert int(resumed.bv_blend.state_dict()["count"]) == 2
+
+
 def _distributed_worker(out_dir, model_dir):
     """One rank of the two-process run: each group of 8 completions spans both processes."""
     args = make_args(out_dir, per_device_train_batch_size=4, num_generations=8, max_steps=3)
