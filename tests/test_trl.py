@@ -91,10 +91,10 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), arch="llama", seed=0)
 
 
-def make_trainer(model_dir, args, **kwargs):
+def make_trainer(model_dir, args, reward_funcs=REWARD_FUNCS, **kwargs):
     model, tokenizer = load_model_and_tokenizer(model_dir)
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
-    return RecordingTrainer(model=model, processing_class=tokenizer, reward_funcs=REWARD_FUNCS,
+    return RecordingTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs,
                             args=args, train_dataset=dataset, **kwargs)
 
 
@@ -252,17 +252,104 @@ def test_history_survives_save_and_resume(model_dir, tmp_path):
     first.train()
     checkpoint = tmp_path / "checkpoint-2"
     saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    # One generation per step here, so every checkpoint is at a buffer boundary and holds the
+    # live history.
     for key, value in first.bv_blend.state_dict().items():
-        assert torch.equal(saved[key], value), f"checkpoint holds a stale {key}"
-    assert int(saved["count"]) == 4  # two steps of two groups
+        assert torch.equal(saved["estimator"][key], value), f"checkpoint holds a stale {key}"
+    assert int(saved["estimator"]["count"]) == 4  # two steps of two groups
+    assert saved["trl_step"] == 2
 
     resumed = make_trainer(model_dir, make_args(tmp_path, max_steps=4))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert len(resumed.calls) == 2, "resume should run only steps 3 and 4"
-    for key, value in saved.items():
+    for key, value in saved["estimator"].items():
         assert torch.equal(resumed.calls[0]["state_before"][key], value), \
             f"resumed training did not start from the saved {key}"
     assert int(resumed.bv_blend.state_dict()["count"]) == 8
+
+
+def prompt_length_reward(prompts, **kwargs):
+    """Depends on the prompt only, so a regenerated buffer scores exactly as the original did.
+
+    The regenerated completions themselves differ: the resumed run samples with the RNG state
+    saved at the checkpoint, not the one the original generation drew from (they differ even at
+    learning_rate=0), and with weights that the steps since then have moved.
+    """
+    return [len(prompt) / 8 for prompt in prompts]
+
+
+# Generation schedules where one generation feeds several optimizer steps. Each micro-step
+# trains one group of 4 (per_device_train_batch_size=4 = num_generations), so a buffer of
+# steps_per_generation micro-steps pushes that many group means.
+BUFFERED = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                steps_per_generation=4)
+
+
+@pytest.mark.parametrize("settings, checkpoints, max_steps, reward_funcs", [
+    # Step 2 ends the first buffer (micro-steps 0-3): the resumed run generates only the second
+    # buffer, like the uninterrupted run and with the same weights and RNG state, so even
+    # rewards of the sampled text are identical.
+    pytest.param(BUFFERED, [2], 4, REWARD_FUNCS, id="boundary"),
+    # Step 1 is half-way through the first buffer, which the resumed run generates again.
+    pytest.param(BUFFERED, [1], 4, [prompt_length_reward], id="mid-buffer"),
+    # A buffer serves steps_per_generation x num_iterations = 4 micro-steps: step 1 is half-way
+    # through it although each pass over it is 2 micro-steps long.
+    pytest.param(dict(BUFFERED, steps_per_generation=2, num_iterations=2), [1], 4,
+                 [prompt_length_reward], id="num_iterations"),
+    # Buffers of 3 steps (micro-steps 0-5, 6-11), resumed three times: from mid-buffer, again
+    # before the regenerated buffer is used up, then from the middle of the second buffer.
+    pytest.param(dict(BUFFERED, steps_per_generation=6), [1, 2, 4], 6,
+                 [prompt_length_reward], id="resumed-repeatedly"),
+    # The resumed run replays the data from the start of the epoch, i.e. from the first buffer,
+    # which is also the one step 1 is in: both runs then generate the same two buffers.
+    pytest.param(dict(BUFFERED, ignore_data_skip=True), [1], 4, [prompt_length_reward],
+                 id="ignore_data_skip"),
+])
+def test_resumed_run_ends_with_the_uninterrupted_history(model_dir, tmp_path, settings,
+                                                         checkpoints, max_steps, reward_funcs):
+    def train(output_dir, steps, resume=None, **overrides):
+        args = make_args(output_dir, max_steps=steps, reward_weights=None, **settings,
+                         **overrides)
+        trainer = make_trainer(model_dir, args, reward_funcs=reward_funcs)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    straight = train(tmp_path / "straight", max_steps)
+    expected = straight.bv_blend.state_dict()
+    # One group mean per micro-step, except that num_iterations passes share a generation (every
+    # group here has a scorable completion).
+    assert int(expected["count"]) == max_steps * settings["gradient_accumulation_steps"] \
+        // settings.get("num_iterations", 1)
+
+    resume = None
+    for step in checkpoints:
+        train(tmp_path / "run", step, resume, save_strategy="steps", save_steps=step)
+        resume = str(tmp_path / "run" / f"checkpoint-{step}")
+    resumed = train(tmp_path / "run", max_steps, resume).bv_blend.state_dict()
+
+    assert int(resumed["count"]) == int(expected["count"])
+    # The same rewards were pushed in the same order: the ring, the EMA and σ_u² are bitwise equal.
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), f"resumed history differs in {key}"
+
+
+def test_resume_without_state_file_warns_and_starts_empty(model_dir, tmp_path, caplog):
+    first = make_trainer(model_dir, make_args(tmp_path, max_steps=1, save_strategy="steps",
+                                              save_steps=1))
+    first.train()
+    assert int(first.bv_blend.state_dict()["count"]) == 2
+    # As if the checkpoint had been written by plain GRPOTrainer.
+    checkpoint = tmp_path / "checkpoint-1"
+    (checkpoint / STATE_FILE).unlink()
+
+    resumed = make_trainer(model_dir, make_args(tmp_path, max_steps=2))
+    with caplog.at_level("WARNING", logger="bv_blend.trl"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert any(STATE_FILE in record.getMessage() and "empty history" in record.getMessage()
+               for record in caplog.records)
+    assert len(resumed.calls) == 1
+    assert int(resumed.calls[0]["state_before"]["count"]) == 0
+    assert int(resumed.bv_blend.state_dict()["count"]) == 2
 
 
 def _distributed_worker(out_dir, model_dir):

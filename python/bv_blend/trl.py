@@ -6,7 +6,8 @@
 its own advantages as usual, then recomputes the advantages of the whole gathered batch with
 `bv_blend_ext` and swaps in this process's slice. Every process sees the same gathered rewards,
 so every process computes the same advantages and keeps the same BV-Blend history. The history
-rides along with TRL's checkpoints (`bv_blend_state.pt` in each `checkpoint-*` folder).
+rides along with TRL's checkpoints (`bv_blend_state.pt` in each `checkpoint-*` folder), as the
+history a run resumed there needs, so that it ends like an uninterrupted run (docs/trl.md).
 
 The integration reads TRL internals, listed in docs/trl.md, that change between releases; the
 version check below refuses a TRL outside the tested range instead of training with advantages
@@ -120,6 +121,8 @@ class BVBlendGRPOTrainer(GRPOTrainer):
             initial_baseline=args.bv_initial_baseline, min_history=args.bv_min_history,
             eps=args.bv_eps, scale=args.bv_scale)
         self._bv_rewards_per_func = None
+        # The history as it was before the latest training generation (see _save_checkpoint).
+        self._bv_state_before_generation = None
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self.bv_blend.to(self.accelerator.device)
 
@@ -133,6 +136,10 @@ class BVBlendGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._bv_rewards_per_func = None
+        if self.model.training:
+            # state_dict() returns the live buffers, which this generation is about to advance.
+            self._bv_state_before_generation = {
+                key: value.clone() for key, value in self.bv_blend.state_dict().items()}
         output = super()._generate_and_score_completions(inputs)
         rewards_per_func, self._bv_rewards_per_func = self._bv_rewards_per_func, None
         if rewards_per_func is None:
@@ -201,7 +208,24 @@ class BVBlendGRPOTrainer(GRPOTrainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.bv_blend.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save({"estimator": self._bv_state_to_resume_from(), "trl_step": self._step},
+                       os.path.join(folder, STATE_FILE))
+
+    def _bv_state_to_resume_from(self) -> dict[str, torch.Tensor]:
+        """The history a run resumed from this point needs, which is not always the live one.
+
+        TRL generates one buffer of completions every `steps_per_generation * num_iterations`
+        micro-steps (`_step` counts them) and trains on slices of it in between. A resumed
+        trainer has no buffer, so its first micro-step generates one from the data the
+        checkpointed run would have used next: at a buffer boundary that is the next buffer, as
+        in an uninterrupted run; in the middle of a buffer it is the current buffer again, and
+        that generation pushes its group means a second time. So mid-buffer, the history saved
+        is the one from before the current buffer was generated.
+        """
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0:
+            return self.bv_blend.state_dict()
+        return self._bv_state_before_generation
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # The Trainer calls this exactly when resuming, with the resolved checkpoint folder.
@@ -214,4 +238,14 @@ class BVBlendGRPOTrainer(GRPOTrainer):
                            "BV-Blend starts from an empty history")
             return
         state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
-        self.bv_blend.load_state_dict(state)
+        self.bv_blend.load_state_dict(state["estimator"])
+        if not self.args.ignore_data_skip:
+            # The Trainer fast-forwards the data to where the checkpointed run stopped, but TRL
+            # restarts its micro-step count at 0, and its schedule (when to generate, which slice
+            # of the buffer to train on) follows that count. Resumed mid-buffer, TRL would train
+            # the regenerated buffer from its first slice again and generate every later buffer
+            # off the data's buffer boundaries: the generations, and so the history, would differ
+            # from an uninterrupted run's, and a later checkpoint would misjudge whether it is
+            # mid-buffer. Restoring the count keeps the uninterrupted run's schedule. (With
+            # ignore_data_skip the data restarts at the epoch's start, in step with a count of 0.)
+            self._step = state["trl_step"]
