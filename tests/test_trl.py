@@ -352,6 +352,22 @@ def test_resume_without_state_file_warns_and_starts_empty(model_dir, tmp_path, c
     assert int(resumed.bv_blend.state_dict()["count"]) == 2
 
 
+def test_resume_from_a_state_file_of_the_older_format(model_dir, tmp_path, caplog):
+    first = make_trainer(model_dir, make_args(tmp_path, max_steps=1, save_strategy="steps",
+                                              save_steps=1))
+    first.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    torch.save(saved["estimator"], checkpoint / STATE_FILE)  # the bare history, as written before
+
+    resumed = make_trainer(model_dir, make_args(tmp_path, max_steps=2))
+    with caplog.at_level("WARNING", logger="bv_blend.trl"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert any("micro-step" in record.getMessage() for record in caplog.records)
+    for key, value in saved["estimator"].items():
+        assert torch.equal(resumed.calls[0]["state_before"][key], value), key
+
+
 def _distributed_worker(out_dir, model_dir):
     """One rank of the two-process run: each group of 8 completions spans both processes."""
     args = make_args(out_dir, per_device_train_batch_size=4, num_generations=8, max_steps=3)

@@ -169,18 +169,15 @@ class BVBlendGRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
 
-        if not self.args.bv_use_history:
-            hist_mean, hist_var = 0.0, 0.0
-        else:
-            # As floats before the call: the estimator's properties are its live buffers, which
-            # the call overwrites with the history the NEXT batch will use.
-            hist_mean = self.bv_blend.history_mean.item()
-            hist_var = self.bv_blend.history_var.item()
         if self.args.bv_use_history and mode == "train":
-            advantages = self.bv_blend(rewards, group_size=group_size)
-            beta = self.bv_blend.last_stats.beta
+            step = self.bv_blend.step(rewards, group_size=group_size)
+            advantages, beta = step.advantages, step.beta
+            hist_mean, hist_var = step.history_mean.item(), step.history_var.item()
         else:
             # Evaluation blends with the history but must not move it.
+            hist_mean, hist_var = ((self.bv_blend.history_mean.item(),
+                                    self.bv_blend.history_var.item())
+                                   if self.args.bv_use_history else (0.0, 0.0))
             out = bv_blend_ext.blend_advantages(
                 rewards, group_size, hist_mean=hist_mean, hist_var=hist_var,
                 eps=self.args.bv_eps, scale=self.args.bv_scale)
@@ -238,6 +235,13 @@ class BVBlendGRPOTrainer(GRPOTrainer):
                            "BV-Blend starts from an empty history")
             return
         state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        if "estimator" not in state:
+            # Written by bv_blend.trl before the micro-step count was saved: the history alone.
+            logger.warning(f"{path} holds no TRL micro-step count (an older bv_blend.trl wrote "
+                           "it); a run resumed from the middle of a generation buffer counts "
+                           "that buffer's groups twice in the history")
+            self.bv_blend.load_state_dict(state)
+            return
         self.bv_blend.load_state_dict(state["estimator"])
         if not self.args.ignore_data_skip:
             # The Trainer fast-forwards the data to where the checkpointed run stopped, but TRL
