@@ -26,7 +26,6 @@ def extension():
         return CUDAExtension(
             "bv_blend_ext._C",
             cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
-            define_macros=[("BV_BLEND_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
             extra_link_args=link_flags,
         )

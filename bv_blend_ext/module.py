@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from .functional import check_call, check_eps, check_scale, check_values
-from .reference import BlendOutput
+from .reference import BlendOutput, default_ema_decay
 
 
 class BlendStep(NamedTuple):
@@ -51,7 +51,7 @@ class BVBlend(torch.nn.Module):
         check_eps(eps)
         check_scale(scale)
         self.window = window
-        self.alpha = 2.0 / (window + 1) if ema_decay is None else float(ema_decay)
+        self.alpha = default_ema_decay(window) if ema_decay is None else float(ema_decay)
         self.initial_baseline = float(initial_baseline)
         self.min_history = min_history
         self.eps = float(eps)

@@ -24,6 +24,11 @@ class BlendOutput(NamedTuple):
     beta: torch.Tensor  # (G,), weight of the history in the baseline; NaN with no valid reward
 
 
+def default_ema_decay(window: int) -> float:
+    """α of the history EMA when none is given: the EMA then has the ring's centre of mass."""
+    return 2.0 / (window + 1)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -123,7 +128,7 @@ class HistoryReference:
     def __init__(self, window: int = 100, ema_decay: float | None = None,
                  initial_baseline: float = 0.0, min_history: int = 2):
         self.window = window
-        self.alpha = 2.0 / (window + 1) if ema_decay is None else ema_decay
+        self.alpha = default_ema_decay(window) if ema_decay is None else ema_decay
         self.min_history = min_history
         self.ring = [0.0] * window
         self.count = 0

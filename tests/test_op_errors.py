@@ -1,5 +1,5 @@
-"""Every bad input of issue 2 raises ValueError/TypeError naming the argument, and a failing call
-leaves the estimator's history exactly as it was."""
+"""Every bad input of the op's contract raises ValueError/TypeError naming the argument, and a
+failing call leaves the estimator's history exactly as it was."""
 
 import pytest
 import torch

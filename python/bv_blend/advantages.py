@@ -30,7 +30,7 @@ class Advantages(NamedTuple):
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> bv_blend_ext.BlendOutput:
     """REINFORCE leave-one-out: each reward minus the mean of the other valid (finite) rewards of
     its group (0 for an unscorable reward, and for the only valid reward of a group). Unscaled."""
-    acc = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    acc = bv_blend_ext.reference.accumulation_dtype(rewards.dtype)
     r = rewards.to(acc).view(-1, group_size)
     valid = torch.isfinite(r)
     n = valid.sum(1, keepdim=True).to(acc)

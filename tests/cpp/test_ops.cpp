@@ -1,5 +1,5 @@
 // Calls the bv_blend ops through the dispatcher, as a libtorch user without Python would, and
-// checks them against numbers worked out by hand from the contract (docs/op_api.md, issue 2).
+// checks them against numbers worked out by hand from the contract (docs/op_api.md, README "The contract").
 // Exits non-zero on any mismatch; run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
