@@ -217,6 +217,8 @@ def test_bf16_on_cuda(tmp_path):
 @pytest.mark.parametrize("returned, message", [
     (lambda n: [0.0] * (n + 1), "returned 3 values for 2 completions"),
     (lambda n: ["1"] * n, r"returned '1' \(str\) at index 0"),
+    (lambda n: [math.inf] * n, r"'bad' returned inf at index 0; scores must be finite"),
+    (lambda n: {i: 1.0 for i in range(n)}, r"'bad' returned dict, expected a list"),
 ])
 def test_bad_reward_function_fails_before_training(tmp_path, returned, message):
     calls = []
