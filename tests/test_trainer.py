@@ -318,12 +318,19 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    np.random.standard_normal()  # and in NumPy's
     torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
-    expected = (random.random(), np.random.standard_normal(), torch.rand(1))
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.standard_normal(),
+                np.random.random(), torch.rand(1).item())
+    expected = draws()
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (random.random(), np.random.standard_normal(), torch.rand(1)) == expected
+    assert draws() == expected
 
 
 class MarkerOnUnpickle:

@@ -308,8 +308,9 @@ class GRPOTrainer:
     def _resume(self, path: str) -> list[dict]:
         state = checkpoint.load_state(path)
         if len(state["rng"]) != self.dist.world_size:
-            raise ValueError(f"resume_from {path!r} was saved by {len(state['rng'])} process(es); "
-                             f"resume it with the same number (now {self.dist.world_size})")
+            raise checkpoint.CheckpointError(
+                f"resume_from {path!r} was saved by {len(state['rng'])} process(es); resume it "
+                f"with the same number (now {self.dist.world_size})")
         checkpoint.load_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
