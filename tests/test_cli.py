@@ -143,7 +143,7 @@ def test_cuda_device_without_a_gpu(tmp_path, capsys):
     ('{"prompt": "1+1=", "answer": "02"}\n{"prompt": "2+2=", \n',
      r"dataset_path '.*data.jsonl' line 2 is not valid JSON"),
     ('["1+1=", "02"]\n',
-     r"dataset_path '.*data.jsonl' line 1 is a JSON list, expected an object with 'prompt'"),
+     r"dataset_path '.*data.jsonl' line 1 is a JSON array, expected an object with 'prompt'"),
     ('{"prompt": "1+1="}\n',
      r"dataset_path '.*data.jsonl' line 1 lacks the column\(s\) \['answer'\]"),
 ])

@@ -182,7 +182,7 @@ class GRPOConfig:
         # starts (distributed.setup).
         try:
             kind = torch.device(self.device).type
-        except (RuntimeError, TypeError):
+        except RuntimeError:
             kind = None
         if kind not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")

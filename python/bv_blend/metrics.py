@@ -60,8 +60,9 @@ class MetricsLog:
 
 
 def _prefix_length(path: str, steps: list[int]) -> int | None:
-    """Bytes of `path` that hold exactly the rows of `steps`, in order, followed only by rows of
-    later steps (or a line cut short by a crash); None when the file does not start that way."""
+    """Length in bytes of the start of `path` that holds exactly the rows of `steps`, in order;
+    None when the file does not start that way. What follows (rows of later steps, a line cut
+    short by a crash) is left to the caller to drop."""
     if not os.path.exists(path):
         return None if steps else 0
     length = 0

@@ -93,6 +93,10 @@ class ShuffledRecords:
         return dict(self.records[self._order[offset]])
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
 def load_jsonl(path: str) -> list[dict]:
     """A JSONL file: one JSON object per line with at least 'prompt' and 'answer' columns (blank
     lines are skipped). Errors name the file and the line."""
@@ -102,8 +106,7 @@ def load_jsonl(path: str) -> list[dict]:
         try:
             lines = f.readlines()
         except UnicodeDecodeError as err:
-            raise ValueError(f"dataset_path {path!r} is not UTF-8 text ({err.reason} at byte "
-                             f"{err.start})") from None
+            raise ValueError(f"dataset_path {path!r} is not UTF-8 text ({err.reason})") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -115,7 +118,7 @@ def load_jsonl(path: str) -> list[dict]:
             raise ValueError(f"{where} is not valid JSON ({err.msg}); expected one JSON object "
                              f"per line") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where} is a JSON {type(record).__name__}, expected an object "
+            raise ValueError(f"{where} is a JSON {_JSON_TYPES[type(record)]}, expected an object "
                              f"with 'prompt' and 'answer'")
         missing = {"prompt", "answer"} - set(record)
         if missing:
