@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,16 @@ def test_dataset_columns_are_passed_by_keyword():
     ([1.0, "high"], r"'bad' returned 'high' \(str\) at index 1"),
     ([True, 0.0], r"'bad' returned True \(bool\) at index 0"),
     (3.0, r"'bad' returned float, expected a list"),
+    ({0.5: "p1", 1.0: "p2"}, r"'bad' returned dict, expected a list"),
+    ("01", r"'bad' returned str, expected a list"),
+    ({0.0, 1.0}, r"'bad' returned set, expected a list"),
+    ((x for x in [0.0, 1.0]), r"'bad' returned generator, expected a list"),
+    (np.zeros((2, 1)), r"'bad' returned ndarray of shape \(2, 1\), expected a 1-D one"),
+    (np.zeros(3), r"'bad' returned 3 values for 2 completions"),
+    (torch.zeros(1, 2), r"'bad' returned Tensor of shape \(1, 2\), expected a 1-D one"),
+    ([1.0, math.inf], r"'bad' returned inf at index 1; scores must be finite"),
+    ([-math.inf, 0.0], r"'bad' returned -inf at index 0; scores must be finite"),
+    (torch.tensor([0.0, -math.inf]), r"'bad' returned -inf at index 1; scores must be finite"),
 ])
 def test_malformed_reward_output_is_named(returned, message):
     def bad(prompts, completions, **kwargs):
@@ -152,6 +163,18 @@ def test_malformed_reward_output_is_named(returned, message):
 
     with pytest.raises(RewardFunctionError, match=message):
         RewardModel([bad])(["p1", "p2"], ["c1", "c2"], {})
+
+
+@pytest.mark.parametrize("returned", [
+    (0.5, None), np.array([0.5, np.nan]), torch.tensor([0.5, math.nan]),
+    [np.float32(0.5), torch.tensor(math.nan)],
+])
+def test_sequences_of_scores_are_accepted(returned):
+    def scores(prompts, completions, **kwargs):
+        return returned
+
+    total, _ = RewardModel([scores])(["p1", "p2"], ["c1", "c2"], {})
+    assert total[0] == 0.5 and total[1].isnan()
 
 
 def test_raising_reward_function_names_the_prompt():

@@ -5,14 +5,20 @@ interrupted by a failing reward function resumes to exactly the metrics of an un
 import json
 import math
 import os
+import random
+import re
+import shutil
+import signal
 
+import numpy as np
 import pytest
 import torch
 
-from bv_blend import GRPOConfig, GRPOTrainer
+from bv_blend import GRPOConfig, GRPOTrainer, checkpoint
 from bv_blend.checkpoint import STATE_FILE
 from bv_blend.rewards import digit_partial_credit
 from bv_blend.tasks import get_task, prompt_source
+from bv_blend.trainer import StopOnSignal, TrainingInterrupted
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -73,7 +79,7 @@ def test_each_estimator_trains_and_writes_outputs(tmp_path, estimator):
         assert all(r["beta_mean"] == 0 and r["history_var"] == 0 for r in rows)
     assert os.path.isfile(os.path.join(config.output_dir, "report.png"))
     state = torch.load(os.path.join(config.output_dir, "checkpoint-2", STATE_FILE),
-                       weights_only=False)
+                       weights_only=True)
     assert state["step"] == 2 and state["data_position"] == 8
     if estimator == "bv_blend":
         assert int(state["estimator"]["count"]) == 8  # every group mean of both steps
@@ -217,6 +223,8 @@ def test_bf16_on_cuda(tmp_path):
 @pytest.mark.parametrize("returned, message", [
     (lambda n: [0.0] * (n + 1), "returned 3 values for 2 completions"),
     (lambda n: ["1"] * n, r"returned '1' \(str\) at index 0"),
+    (lambda n: [math.inf] * n, r"'bad' returned inf at index 0; scores must be finite"),
+    (lambda n: {i: 1.0 for i in range(n)}, r"'bad' returned dict, expected a list"),
 ])
 def test_bad_reward_function_fails_before_training(tmp_path, returned, message):
     calls = []
@@ -238,3 +246,182 @@ def test_model_object_needs_its_tokenizer(tmp_path):
     model, _ = load_model_and_tokenizer(build_tiny_model(str(tmp_path / "m")))
     with pytest.raises(ValueError, match="tokenizer is required"):
         GRPOTrainer(model=model, config=small_config(tmp_path))
+
+
+# checkpoints: pruning, atomic writes, safe loading ----------------------------------------------
+
+def checkpoint_names(output_dir):
+    return sorted((p for p in os.listdir(output_dir) if p.startswith("checkpoint-")),
+                  key=lambda name: int(name.split("-")[1].split(".")[0]))
+
+
+@pytest.mark.parametrize("limit, kept", [
+    (2, ["checkpoint-4", "checkpoint-5"]),
+    (1, ["checkpoint-5"]),
+    (None, [f"checkpoint-{step}" for step in range(1, 6)]),
+])
+def test_save_total_limit_keeps_the_newest(tmp_path, limit, kept):
+    config = small_config(tmp_path, max_steps=5, save_steps=1, batch_size=8,
+                          save_total_limit=limit)
+    GRPOTrainer(config=config).train()
+    assert checkpoint_names(config.output_dir) == kept
+
+
+def test_the_final_checkpoint_is_never_pruned(tmp_path):
+    config = small_config(tmp_path, max_steps=1, batch_size=8, save_total_limit=1)
+    # A later checkpoint left by an earlier run in the same output_dir must not push out the
+    # checkpoint this run has just written.
+    stale = os.path.join(config.output_dir, "checkpoint-9")
+    GRPOTrainer(config=small_config(tmp_path, max_steps=1, batch_size=8)).train()
+    os.rename(os.path.join(config.output_dir, "checkpoint-1"), stale)
+    GRPOTrainer(config=config).train()
+    assert checkpoint_names(config.output_dir) == ["checkpoint-1"]
+
+
+def fake_checkpoint(path, files=(STATE_FILE, "config.json", "model.safetensors")):
+    os.makedirs(path)
+    for name in files:
+        open(os.path.join(path, name), "w").close()
+
+
+def test_resolve_picks_only_complete_checkpoints(tmp_path):
+    fake_checkpoint(tmp_path / "checkpoint-2")
+    fake_checkpoint(tmp_path / "checkpoint-9.partial")
+    fake_checkpoint(tmp_path / "checkpoint-8.deleting")
+    fake_checkpoint(tmp_path / "checkpoint-7", files=(STATE_FILE, "config.json"))
+    fake_checkpoint(tmp_path / "checkpoint-6", files=("config.json", "model.safetensors"))
+    assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(checkpoint.CheckpointError, match="incomplete checkpoint: it lacks "
+                                                         "model.safetensors"):
+        checkpoint.resolve(str(tmp_path / "checkpoint-7"))
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = small_config(tmp_path, max_steps=2, batch_size=8, save_steps=1)
+    trainer = GRPOTrainer(config=config)
+    trainer.train()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    trainer.step()
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    output = config.output_dir
+    assert checkpoint_names(output) == ["checkpoint-1", "checkpoint-2", "checkpoint-3.partial"]
+    assert checkpoint.resolve(output) == os.path.join(output, "checkpoint-2")
+    # Saving the same step again (a resumed run) replaces the old folder only once complete.
+    trainer.step_count = 2
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert checkpoint.load_state(os.path.join(output, "checkpoint-2"))["step"] == 2
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    np.random.standard_normal()  # and in NumPy's
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.standard_normal(),
+                np.random.random(), torch.rand(1).item())
+    expected = draws()
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+class MarkerOnUnpickle:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("payload", ["malicious", "old_format"])
+def test_unsafe_checkpoint_is_refused(tmp_path, payload):
+    config = small_config(tmp_path, max_steps=1, batch_size=8)
+    GRPOTrainer(config=config).train()
+    state_file = os.path.join(config.output_dir, "checkpoint-1", STATE_FILE)
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code_ran"
+    if payload == "malicious":
+        state["step"] = MarkerOnUnpickle(str(marker))
+    else:  # the layout before format 2: NumPy's RNG state as a pickled tuple with an ndarray
+        del state["format"]
+        state["rng"][0]["numpy"] = np.random.get_state()
+    torch.save(state, state_file)
+    resumed = small_config(tmp_path, max_steps=2, batch_size=8, resume_from=config.output_dir)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"{re.escape(repr(state_file))} is not a safe checkpoint"):
+        GRPOTrainer(config=resumed)
+    assert not marker.exists()
+
+
+# signals and metrics.jsonl on resume ------------------------------------------------------------
+
+def signal_at_batch(number, signal_number):
+    """digit_partial_credit that sends this process `signal_number` while scoring training batch
+    `number` (the check before training, on 2 completions, is not counted)."""
+    batches = []
+
+    def digit_partial_credit_signalling(prompts, completions, answer, **kwargs):
+        if len(prompts) > 2:
+            batches.append(len(prompts))
+            if len(batches) == number:
+                os.kill(os.getpid(), signal_number)
+        return digit_partial_credit(prompts, completions, answer)
+    digit_partial_credit_signalling.__name__ = "digit_partial_credit"
+    return digit_partial_credit_signalling
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
+    config = small_config(tmp_path, max_steps=6, batch_size=8)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    trainer = GRPOTrainer(reward_funcs=[signal_at_batch(2, signal.SIGTERM)], config=config)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM received: stopped after step 2") as stop:
+        trainer.train()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert stop.value.exit_code == 143 and stop.value.step == 2
+    assert stop.value.checkpoint == os.path.join(config.output_dir, "checkpoint-2")
+    assert checkpoint_names(config.output_dir) == ["checkpoint-2"]
+    assert [r["step"] for r in read_metrics(config.output_dir)] == [1, 2]
+
+    resumed = GRPOTrainer(config=small_config(tmp_path, max_steps=4, batch_size=8,
+                                              resume_from=config.output_dir))
+    assert [r["step"] for r in resumed.train()] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(config.output_dir)] == [1, 2, 3, 4]
+
+
+def test_stop_handler_records_only_the_first_signal():
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal(announce=False) as stop:
+        assert signal.getsignal(signal.SIGINT) == stop.handle
+        stop.handle(signal.SIGINT)
+        stop.handle(signal.SIGTERM)
+    assert stop.received == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_appends_to_metrics_and_drops_rows_after_the_checkpoint(tmp_path):
+    config = small_config(tmp_path, max_steps=3, batch_size=8, save_steps=2)
+    GRPOTrainer(config=config).train()
+    output = config.output_dir
+    # As if the run had been killed after logging step 3 but before checkpointing it.
+    shutil.rmtree(os.path.join(output, "checkpoint-3"))
+    path = os.path.join(output, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "note": "written by the first run"}) + "\n"
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+    resumed = small_config(tmp_path, max_steps=4, batch_size=8, resume_from=output)
+    GRPOTrainer(config=resumed).train()
+    rows = read_metrics(output)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["note"] == "written by the first run"  # appended to, not rewritten

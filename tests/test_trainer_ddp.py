@@ -80,7 +80,7 @@ def test_two_gloo_processes_share_advantages_and_history(tmp_path):
         assert unique[0] + unique[1] == expected
 
     state = torch.load(tmp_path / "run" / "checkpoint-3" / "trainer_state.pt",
-                       weights_only=False)
+                       weights_only=True)
     assert state["data_position"] == 12 and len(state["rng"]) == 2
 
 
@@ -90,3 +90,46 @@ def test_cli_under_torchrun(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # written once, by rank 0
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.pt").is_file()
     assert result.stdout.count("reward_mean") == 1  # one summary, from rank 0
+
+
+SIGNALLED_WORKER = textwrap.dedent("""
+    import json, os, signal, sys
+    from bv_blend import GRPOConfig, GRPOTrainer, distributed
+    from bv_blend.rewards import digit_partial_credit
+    from bv_blend.trainer import TrainingInterrupted
+
+    batches = []
+
+    def digit_partial_credit_signalling(prompts, completions, answer, **kwargs):
+        # Only process 1 gets the signal, while scoring its second training batch.
+        if len(prompts) > 2:
+            batches.append(1)
+            if len(batches) == 2 and int(os.environ["RANK"]) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return digit_partial_credit(prompts, completions, answer)
+
+    config = GRPOConfig(output_dir=sys.argv[1], num_generations=4, batch_size=8, max_steps=6,
+                        save_steps=0, progress_bar=False, seed=0)
+    trainer = GRPOTrainer(reward_funcs=[digit_partial_credit_signalling], config=config)
+    try:
+        trainer.train()
+        outcome = {"step": trainer.step_count}
+    except TrainingInterrupted as stop:
+        outcome = {"step": stop.step, "exit_code": stop.exit_code}
+    with open(os.path.join(sys.argv[1], f"outcome{trainer.dist.rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    distributed.cleanup()
+""")
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(SIGNALLED_WORKER)
+    run = tmp_path / "run"
+    torchrun([str(script), str(run)], tmp_path)
+    outcomes = [json.loads((run / f"outcome{rank}.json").read_text()) for rank in (0, 1)]
+    assert outcomes == [{"step": 2, "exit_code": 143}] * 2
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    state = torch.load(run / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1, 2]

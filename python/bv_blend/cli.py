@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 
 from bv_blend.config import GRPOConfig
@@ -45,17 +46,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from bv_blend import distributed
     from bv_blend.rewards import RewardFunctionError
+    from bv_blend.trainer import GRPOTrainer, TrainingInterrupted
 
     config_path = args.pop("config")
     try:
         config = (GRPOConfig.from_yaml(config_path, **args) if config_path
                   else GRPOConfig.from_dict(args))
-        from bv_blend.trainer import GRPOTrainer
-        trainer = GRPOTrainer(config=config)
-        trainer.train()
-    except (ValueError, FileNotFoundError, RewardFunctionError) as err:
+        GRPOTrainer(config=config).train()
+    # ValueError: a bad setting or input file (CheckpointError included); OSError: a file or
+    # directory the run needs cannot be read or written.
+    except (ValueError, OSError, RewardFunctionError) as err:
         print(f"bv-blend: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:
+        print(f"bv-blend: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # before training started, when Ctrl-C has its default meaning
+        print("bv-blend: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         distributed.cleanup()
     return 0

@@ -8,9 +8,13 @@ file is the single list of what can be configured. Defaults suit the tiny model 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+
+import torch
 
 from bv_blend.rewards import get_reward_func
 from bv_blend.tasks import get_task
@@ -84,6 +88,8 @@ class GRPOConfig:
                                  "default: torch's. Small models run fastest with 1")
     output_dir: str = _f("runs/bv_blend", "where checkpoints, metrics.jsonl and report.png go")
     save_steps: int = _f(50, "checkpoint every N steps (0: only at the end)")
+    save_total_limit: int | None = _f(2, "keep at most N checkpoints in output_dir, deleting the "
+                                      "oldest (none: keep all); the newest is never deleted")
     resume_from: str | None = _f(None, "checkpoint directory, or an output_dir to take its "
                                  "latest checkpoint")
     report_to: str = _f("none", "also log to: none or tensorboard")
@@ -108,6 +114,11 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, "
                                  f"got {value!r}")
 
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ValueError(f"{setting.name} must be a finite number, got {item!r}")
         get_task(self.task)
         for name in self.reward_funcs or []:
             get_reward_func(name)
@@ -154,6 +165,10 @@ class GRPOConfig:
         if self.num_threads is not None:
             positive("num_threads")
         positive("save_steps", allow_zero=True)
+        if self.save_total_limit is not None:
+            positive("save_total_limit")
+        if self.device is not None:
+            self._check_device()
         if self.task == "jsonl" and not self.dataset_path:
             raise ValueError("task 'jsonl' needs dataset_path (a JSONL file with 'prompt' and "
                              "'answer' columns)")
@@ -161,6 +176,16 @@ class GRPOConfig:
                 len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
                              f"{len(self.reward_funcs)} reward_funcs")
+
+    def _check_device(self) -> None:
+        # Only the form is checked here; whether such a device exists is known when the run
+        # starts (distributed.setup).
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,8 +208,13 @@ class GRPOConfig:
         """Settings from a YAML mapping (field names as keys), then `overrides` on top."""
         import yaml
 
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config {path!r} is not a file")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"config {path!r} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ValueError(f"config {path!r} must be a YAML mapping of setting: value")
         return cls.from_dict({**values, **overrides})

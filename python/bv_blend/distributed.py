@@ -37,11 +37,24 @@ def setup(device: str | None = None) -> Context:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        device = _cuda_device(device, local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Context(rank, world_size, local_rank, device)
+
+
+def _cuda_device(device: torch.device, local_rank: int) -> torch.device:
+    """`device` with an index (plain `cuda` means this process's GPU), checked to exist."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but no CUDA device is available "
+                         f"(torch.cuda.is_available() is False); use device cpu")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device cuda:{index} was requested but only "
+                         f"{torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def cleanup() -> None:
@@ -73,6 +86,15 @@ def mean_over_ranks(ctx: Context, value: float) -> float:
 def any_rank(ctx: Context, flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (so that all stop together)."""
     return bool(all_reduce_sum(ctx, torch.tensor([int(flag)], device=ctx.device)))
+
+
+def max_over_ranks(ctx: Context, value: int) -> int:
+    """The largest `value` of all ranks, on every rank."""
+    if not ctx.enabled:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
 
 
 def gather_objects(ctx: Context, obj) -> list:

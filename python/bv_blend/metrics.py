@@ -11,7 +11,13 @@ TIME_SPLIT = ("step_time_generation", "step_time_rewards", "step_time_advantage"
 
 
 class MetricsLog:
-    """Writes one JSON object per step; only the main process writes anything."""
+    """Writes one JSON object per step; only the main process writes anything.
+
+    A resumed run (previous_rows: the rows saved with its checkpoint) appends to metrics.jsonl
+    after the checkpoint's last step; rows that an interrupted run wrote after its checkpoint are
+    dropped, as those steps run again. A file that does not hold the checkpoint's steps (a new
+    output_dir, say) is rewritten from the saved rows.
+    """
 
     def __init__(self, output_dir: str, *, enabled: bool, report_to: str = "none",
                  previous_rows: list[dict] | None = None):
@@ -21,15 +27,19 @@ class MetricsLog:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        # Rewritten from the rows restored with a checkpoint, so that a resumed run's file holds
-        # exactly one row per step even when the interrupted run got further than its checkpoint.
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-        for row in self.rows:
-            self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        path = os.path.join(output_dir, "metrics.jsonl")
+        kept = _prefix_length(path, [r["step"] for r in self.rows])
+        if kept is None:
+            _write_rows(path, self.rows)
+        elif os.path.exists(path):
+            os.truncate(path, kept)
+        self.file = open(path, "a")
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # purge_step hides the scalars an interrupted run logged after its checkpoint.
+            resumed = self.rows[-1]["step"] if self.rows else 0
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=resumed + 1 if resumed else None)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
@@ -47,6 +57,33 @@ class MetricsLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _prefix_length(path: str, steps: list[int]) -> int | None:
+    """Length in bytes of the start of `path` that holds exactly the rows of `steps`, in order;
+    None when the file does not start that way. What follows (rows of later steps, a line cut
+    short by a crash) is left to the caller to drop."""
+    if not os.path.exists(path):
+        return None if steps else 0
+    length = 0
+    with open(path, "rb") as f:
+        for expected in steps:
+            line = f.readline()
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["step"] != expected:
+                    return None
+            except (ValueError, KeyError, TypeError):
+                return None
+            length += len(line)
+    return length
+
+
+def _write_rows(path: str, rows: list[dict]) -> None:
+    # Written aside and renamed, so that a crash meanwhile leaves the old file whole.
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(partial, path)
 
 
 def _window_mean(rows: list[dict], key: str) -> float:

@@ -11,6 +11,7 @@ import math
 import numbers
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 DIGITS = "0123456789"
@@ -61,16 +62,27 @@ def reward_name(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+def _as_sequence(name: str, scores, expected: int) -> list:
+    """The values of `scores` when it is a list, a tuple or a 1-D array or tensor; anything else
+    (a dict, whose keys would pass for scores, a string, a set, a generator) is refused."""
+    if isinstance(scores, (torch.Tensor, np.ndarray)):
+        if scores.ndim != 1:
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {type(scores).__name__} of shape "
+                f"{tuple(scores.shape)}, expected a 1-D one of {expected} values")
+        return scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {type(scores).__name__}, expected a list (or "
+            f"tuple, 1-D numpy array, 1-D tensor) of {expected} floats or None")
+    return list(scores)
+
+
 def _check_scores(name: str, scores, expected: int) -> list[float]:
-    try:
-        count = len(scores)
-    except TypeError:
+    scores = _as_sequence(name, scores, expected)
+    if len(scores) != expected:
         raise RewardFunctionError(
-            f"reward function {name!r} returned {type(scores).__name__}, expected a list of "
-            f"{expected} floats or None") from None
-    if count != expected:
-        raise RewardFunctionError(
-            f"reward function {name!r} returned {count} values for {expected} completions")
+            f"reward function {name!r} returned {len(scores)} values for {expected} completions")
     values = []
     for i, score in enumerate(scores):
         if score is None:
@@ -83,6 +95,12 @@ def _check_scores(name: str, scores, expected: int) -> list[float]:
             raise RewardFunctionError(
                 f"reward function {name!r} returned {score!r} ({type(score).__name__}) at index "
                 f"{i}; each value must be a float, an int or None")
+        if math.isinf(values[-1]):
+            # None and NaN mean "cannot score this one"; an infinity is a bug in the function,
+            # and it would make its group's mean and advantages infinite or NaN.
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {values[-1]} at index {i}; scores must be "
+                f"finite (None or NaN marks a completion that cannot be scored)")
     return values
 
 

@@ -11,6 +11,8 @@ characters, and the answers are short digit strings it can learn to produce on a
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -91,18 +93,41 @@ class ShuffledRecords:
         return dict(self.records[self._order[offset]])
 
 
-def load_jsonl(path: str):
-    """A JSONL file with at least 'prompt' and 'answer' columns, as a `datasets.Dataset`."""
-    import datasets
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
 
-    dataset = datasets.load_dataset("json", data_files=path, split="train")
-    missing = {"prompt", "answer"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"dataset_path {path!r} lacks the column(s) {sorted(missing)}; "
-                         f"it has {dataset.column_names}")
-    if len(dataset) == 0:
+
+def load_jsonl(path: str) -> list[dict]:
+    """A JSONL file: one JSON object per line with at least 'prompt' and 'answer' columns (blank
+    lines are skipped). Errors name the file and the line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset_path {path!r} is not a file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"dataset_path {path!r} is not UTF-8 text ({err.reason})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"dataset_path {path!r} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid JSON ({err.msg}); expected one JSON object "
+                             f"per line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is a JSON {_JSON_TYPES[type(record)]}, expected an object "
+                             f"with 'prompt' and 'answer'")
+        missing = {"prompt", "answer"} - set(record)
+        if missing:
+            raise ValueError(f"{where} lacks the column(s) {sorted(missing)}; it has "
+                             f"{sorted(record)}")
+        records.append(record)
+    if not records:
         raise ValueError(f"dataset_path {path!r} holds no records")
-    return dataset
+    return records
 
 
 def prompt_source(task: Task, seed: int, dataset=None):

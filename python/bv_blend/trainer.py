@@ -13,6 +13,9 @@ import contextlib
 import copy
 import math
 import os
+import signal
+import sys
+import threading
 import time
 
 import torch
@@ -45,7 +48,19 @@ class GRPOTrainer:
             torch.set_num_threads(config.num_threads)
         self.dist = distributed.setup(config.device)
         self.device = self.dist.device
+        self._prepare_output_dir()
+        resume_path = checkpoint.resolve(config.resume_from) if config.resume_from else None
         checkpoint.seed_everything(config.seed + self.dist.rank)
+
+        if reward_funcs is None:
+            reward_funcs = ([get_reward_func(n) for n in config.reward_funcs]
+                            if config.reward_funcs else list(self.task.reward_funcs))
+        elif callable(reward_funcs):
+            reward_funcs = [reward_funcs]
+        self.rewards = RewardModel(reward_funcs, config.reward_weights)
+        if train_dataset is None and config.dataset_path:
+            train_dataset = load_jsonl(config.dataset_path)
+        self.data = prompt_source(self.task, config.seed, train_dataset)
 
         self.model, self.tokenizer = self._load_model(model, tokenizer)
         self.model.to(self.device)
@@ -57,16 +72,6 @@ class GRPOTrainer:
         self.autocast_dtype = self._autocast_dtype()
         self.max_completion_length = (config.max_completion_length
                                       or self.task.max_completion_length)
-
-        if reward_funcs is None:
-            reward_funcs = ([get_reward_func(n) for n in config.reward_funcs]
-                            if config.reward_funcs else list(self.task.reward_funcs))
-        elif callable(reward_funcs):
-            reward_funcs = [reward_funcs]
-        self.rewards = RewardModel(reward_funcs, config.reward_weights)
-        if train_dataset is None and config.dataset_path:
-            train_dataset = load_jsonl(config.dataset_path)
-        self.data = prompt_source(self.task, config.seed, train_dataset)
 
         self.estimator = AdvantageEstimator(
             config.estimator, eps=config.advantage_eps, window=config.bv_window,
@@ -86,13 +91,20 @@ class GRPOTrainer:
         self.data_position = 0  # prompts consumed by all processes together
         self.last_advantages = None  # the whole step's advantages, for inspection and tests
         self._check_reward_funcs()
-        previous_rows = []
-        if config.resume_from:
-            previous_rows = self._resume(checkpoint.resolve(config.resume_from))
+        previous_rows = self._resume(resume_path) if resume_path else []
         self.metrics = MetricsLog(config.output_dir, enabled=self.dist.is_main,
                                   report_to=config.report_to, previous_rows=previous_rows)
 
     # setup -----------------------------------------------------------------------------------
+
+    def _prepare_output_dir(self) -> None:
+        """Create output_dir now, so that an unusable one fails before the model is loaded rather
+        than at the first checkpoint. Every process learns of a failure on the main one."""
+        problem = checkpoint.output_dir_problem(self.config.output_dir) if self.dist.is_main \
+            else None
+        if distributed.any_rank(self.dist, problem is not None):
+            raise ValueError(f"output_dir {self.config.output_dir!r} "
+                             f"{problem or 'cannot be used by the main process'}")
 
     def _load_model(self, model, tokenizer):
         config = self.config
@@ -287,56 +299,120 @@ class GRPOTrainer:
                     "metrics": self.metrics.rows,
                     "config": self.config.to_dict(),
                 })
+            if self.config.save_total_limit is not None:
+                checkpoint.prune(self.config.output_dir, self.config.save_total_limit,
+                                 newest=self.step_count)
         distributed.barrier(self.dist)
         return path
 
     def _resume(self, path: str) -> list[dict]:
         state = checkpoint.load_state(path)
+        if len(state["rng"]) != self.dist.world_size:
+            raise checkpoint.CheckpointError(
+                f"resume_from {path!r} was saved by {len(state['rng'])} process(es); resume it "
+                f"with the same number (now {self.dist.world_size})")
         checkpoint.load_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.estimator.load_state_dict(state["estimator"])
         self.step_count = state["step"]
         self.data_position = state["data_position"]
-        if len(state["rng"]) != self.dist.world_size:
-            raise ValueError(f"resume_from {path!r} was saved by {len(state['rng'])} process(es); "
-                             f"resume it with the same number (now {self.dist.world_size})")
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         return state["metrics"]
 
     # the loop --------------------------------------------------------------------------------
 
+    def _run_steps(self, bar, signals: "StopOnSignal") -> None:
+        config = self.config
+        while self.step_count < config.max_steps:
+            row = self.step()
+            self.metrics.log(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", beta=f"{row['beta_mean']:.2f}")
+            if self.step_count == config.max_steps:
+                return
+            # Processes may get a signal at different moments (or only one of them gets it):
+            # agreeing after every step makes them all stop after the same one.
+            received = distributed.max_over_ranks(self.dist, signals.received)
+            if received:
+                self.save_checkpoint()
+                path = os.path.join(config.output_dir, f"checkpoint-{self.step_count}")
+                raise TrainingInterrupted(received, self.step_count, path)
+            if config.save_steps and self.step_count % config.save_steps == 0:
+                self.save_checkpoint()
+
     def train(self) -> list[dict]:
         """Run to max_steps, checkpointing every save_steps and at the end; returns all metrics
-        rows (including those restored from a checkpoint)."""
+        rows (including those restored from a checkpoint).
+
+        The first SIGINT or SIGTERM stops the run after the current step (on every process at
+        the same step), saves a checkpoint and raises TrainingInterrupted; the previous signal
+        handlers are restored on the way out. A signal during the last step lets the run end
+        normally."""
         from tqdm.auto import tqdm
 
         config = self.config
-        if self.dist.is_main:
-            os.makedirs(config.output_dir, exist_ok=True)
         bar = tqdm(total=config.max_steps, initial=self.step_count, desc="GRPO",
                    disable=not (config.progress_bar and self.dist.is_main))
         started = time.perf_counter()
         first_step = self.step_count + 1
-        try:
-            while self.step_count < config.max_steps:
-                row = self.step()
-                self.metrics.log(row)
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", beta=f"{row['beta_mean']:.2f}")
-                if config.save_steps and self.step_count % config.save_steps == 0 \
-                        and self.step_count < config.max_steps:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-            self.metrics.close()
-        if self.step_count >= first_step:
-            self.save_checkpoint()
+        with StopOnSignal(announce=self.dist.is_main) as signals:
+            try:
+                self._run_steps(bar, signals)
+            finally:
+                bar.close()
+                self.metrics.close()
+            if self.step_count >= first_step:
+                self.save_checkpoint()
         if self.dist.is_main:
             write_report(self.metrics.rows, os.path.join(config.output_dir, "report.png"))
             ran = [r for r in self.metrics.rows if r["step"] >= first_step]
             print(summary(ran, time.perf_counter() - started), flush=True)
         return self.metrics.rows
+
+
+class TrainingInterrupted(Exception):
+    """train() stopped early on a signal, after saving a checkpoint of the last finished step."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint_path: str):
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint_path
+        # The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM.
+        self.exit_code = 128 + signal_number
+        super().__init__(f"{signal.Signals(signal_number).name} received: stopped after step "
+                         f"{step}; checkpoint saved in {checkpoint_path} (continue with "
+                         f"--resume-from {checkpoint_path})")
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only record that the run should stop (`received`, the
+    first signal's number, 0 before any). Later signals are ignored: torchrun forwards a Ctrl-C
+    that its workers already got from the terminal, and that must not abort the final save."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.received = 0
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        # Python lets only the main thread install handlers; elsewhere signals keep their meaning.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            # None: a handler installed outside Python, which cannot be reinstalled from here.
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def handle(self, signal_number: int, frame=None) -> None:
+        if self.announce:
+            name = signal.Signals(signal_number).name
+            message = ("stopping after the current step and saving a checkpoint"
+                       if not self.received else "already stopping after the current step")
+            print(f"\nbv-blend: {name} received: {message}", file=sys.stderr, flush=True)
+        self.received = self.received or signal_number
 
 
 def _nanmean(values: torch.Tensor) -> float:
