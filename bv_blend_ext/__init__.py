@@ -9,7 +9,8 @@ from . import _C  # noqa: F401  (loads the compiled library, which registers tor
 from . import _registrations  # noqa: F401
 from . import reference
 from .functional import blend_advantages
-from .module import BlendStep, BVBlend
+from .module import BlendStep, BVBlend, check_settings
 from .reference import SCALE_MODES, BlendOutput
 
-__all__ = ["BVBlend", "BlendOutput", "BlendStep", "SCALE_MODES", "blend_advantages", "reference"]
+__all__ = ["BVBlend", "BlendOutput", "BlendStep", "SCALE_MODES", "blend_advantages",
+           "check_settings", "reference"]

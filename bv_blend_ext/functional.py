@@ -14,19 +14,14 @@ from numbers import Real
 
 import torch
 
-from .reference import SCALE_MODES, BlendOutput
+from .reference import BlendOutput
 
 
-def check_scale(scale) -> None:
-    if scale not in SCALE_MODES:
-        raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
-
-
-def check_eps(eps) -> None:
+def check_eps(eps, name: str = "eps") -> None:
     if type(eps) is float and 0 <= eps < math.inf:  # the common case, without the ABC check
         return
     if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
 
 
 def check_call(rewards, group_size, offsets) -> None:

@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import torch
 
-from .functional import check_call, check_eps, check_scale, check_values
-from .reference import BlendOutput, default_ema_decay
+from .functional import check_call, check_eps, check_values
+from .reference import SCALE_MODES, BlendOutput, default_ema_decay
 
 
 class BlendStep(NamedTuple):
@@ -36,20 +36,8 @@ class BVBlend(torch.nn.Module):
                  initial_baseline: float = 0.0, min_history: int = 2, eps: float = 1e-4,
                  scale: str = "blend"):
         super().__init__()
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an int >= 2, got {window!r}")
-        if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, Real)
-                                      or not 0 < ema_decay <= 1):
-            raise ValueError(f"ema_decay must be None or in (0, 1], got {ema_decay!r}")
-        if (isinstance(initial_baseline, bool) or not isinstance(initial_baseline, Real)
-                or not math.isfinite(initial_baseline)):
-            raise ValueError(f"initial_baseline must be a finite number, got {initial_baseline!r}")
-        if (isinstance(min_history, bool) or not isinstance(min_history, int)
-                or not 0 <= min_history <= window):
-            raise ValueError(f"min_history must be an int in [0, window={window}], "
-                             f"got {min_history!r}")
-        check_eps(eps)
-        check_scale(scale)
+        check_settings(window=window, ema_decay=ema_decay, initial_baseline=initial_baseline,
+                       min_history=min_history, eps=eps, scale=scale)
         self.window = window
         self.alpha = default_ema_decay(window) if ema_decay is None else float(ema_decay)
         self.initial_baseline = float(initial_baseline)
@@ -141,6 +129,32 @@ class BVBlend(torch.nn.Module):
         return (f"window={self.window}, ema_decay={self.alpha:g}, initial_baseline="
                 f"{self.initial_baseline:g}, min_history={self.min_history}, eps={self.eps:g}, "
                 f"scale={self.scale!r}")
+
+
+def check_settings(*, window, ema_decay, initial_baseline, min_history, eps, scale,
+                   names: dict[str, str] | None = None) -> None:
+    """Raise ValueError for a BVBlend setting that is out of range. The estimator checks its own
+    settings with this; a configuration that builds one later (a trainer's) calls it up front,
+    with `names` mapping each setting to the name its user writes (e.g. window -> bv_window)."""
+    def name(setting: str) -> str:
+        return (names or {}).get(setting, setting)
+
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"{name('window')} must be an int >= 2, got {window!r}")
+    if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, Real)
+                                  or not 0 < ema_decay <= 1):
+        raise ValueError(f"{name('ema_decay')} must be None or in (0, 1], got {ema_decay!r}")
+    if (isinstance(initial_baseline, bool) or not isinstance(initial_baseline, Real)
+            or not math.isfinite(initial_baseline)):
+        raise ValueError(f"{name('initial_baseline')} must be a finite number, "
+                         f"got {initial_baseline!r}")
+    if (isinstance(min_history, bool) or not isinstance(min_history, int)
+            or not 0 <= min_history <= window):
+        raise ValueError(f"{name('min_history')} must be an int in [0, {name('window')}={window}], "
+                         f"got {min_history!r}")
+    check_eps(eps, name("eps"))
+    if scale not in SCALE_MODES:
+        raise ValueError(f"{name('scale')} must be one of {SCALE_MODES}, got {scale!r}")
 
 
 def check_history_state(state: dict, window: int) -> None:

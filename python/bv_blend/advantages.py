@@ -16,6 +16,7 @@ import bv_blend_ext
 # The stateless estimators are scale settings of the op with the history off (hist_var = 0 gives
 # beta = 0), as the op's contract defines them.
 OP_SCALES = {"grpo": "group", "dr_grpo": "none", "batch": "batch"}
+ESTIMATORS = ("bv_blend", *OP_SCALES, "rloo")
 
 
 class Advantages(NamedTuple):
@@ -59,9 +60,8 @@ class AdvantageEstimator:
             self.blend = bv_blend_ext.BVBlend(window=window, ema_decay=ema_decay,
                                               initial_baseline=initial_baseline,
                                               min_history=min_history, eps=eps, scale=bv_scale)
-        elif name not in OP_SCALES and name != "rloo":
-            raise ValueError(f"estimator must be one of bv_blend, {', '.join(OP_SCALES)}, rloo; "
-                             f"got {name!r}")
+        elif name not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {name!r}")
 
     def __call__(self, rewards: torch.Tensor, group_size: int) -> Advantages:
         if self.blend is not None:

@@ -16,14 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+import bv_blend_ext
+from bv_blend.advantages import ESTIMATORS
 from bv_blend.rewards import get_reward_func
 from bv_blend.tasks import get_task
 
-ESTIMATORS = ("bv_blend", "grpo", "dr_grpo", "batch", "rloo")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard")
 BV_SCALES = ("blend", "group")
+# The estimator's setting names as this config spells them.
+BV_SETTING_NAMES = {"window": "bv_window", "ema_decay": "bv_ema_decay",
+                    "initial_baseline": "bv_initial_baseline", "min_history": "bv_min_history",
+                    "eps": "advantage_eps", "scale": "bv_scale"}
 
 
 def _f(default, help: str, **kwargs):
@@ -143,14 +148,11 @@ class GRPOConfig:
         positive("temperature")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        positive("advantage_eps", allow_zero=True)
-        if self.bv_window < 2:
-            raise ValueError(f"bv_window must be >= 2, got {self.bv_window}")
-        if self.bv_ema_decay is not None and not 0 < self.bv_ema_decay <= 1:
-            raise ValueError(f"bv_ema_decay must be in (0, 1], got {self.bv_ema_decay}")
-        if not 0 <= self.bv_min_history <= self.bv_window:
-            raise ValueError(f"bv_min_history must be in [0, bv_window={self.bv_window}], "
-                             f"got {self.bv_min_history}")
+        # The estimator's own rules, checked before a model is loaded, in this config's names.
+        bv_blend_ext.check_settings(
+            window=self.bv_window, ema_decay=self.bv_ema_decay,
+            initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
+            eps=self.advantage_eps, scale=self.bv_scale, names=BV_SETTING_NAMES)
         positive("epsilon", allow_zero=True)
         if self.epsilon_high is not None:
             positive("epsilon_high", allow_zero=True)

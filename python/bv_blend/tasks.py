@@ -19,7 +19,6 @@ from typing import Callable
 
 from bv_blend import rewards
 
-DIGITS = "0123456789"
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ def _addition(rng: random.Random) -> dict:
 
 
 def _reversal(rng: random.Random) -> dict:
-    digits = "".join(rng.choice(DIGITS) for _ in range(3))
+    digits = "".join(rng.choice(rewards.DIGITS) for _ in range(3))
     return {"prompt": f"rev {digits}:", "answer": digits[::-1]}
 
 

@@ -91,9 +91,13 @@ class BVBlendGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.bv_scale not in bv_blend_ext.SCALE_MODES:
-            raise ValueError(f"bv_scale must be one of {bv_blend_ext.SCALE_MODES}, "
-                             f"got {self.bv_scale!r}")
+        # Every bv_* setting is checked here, before TRL loads the model, in the config's names.
+        bv_blend_ext.check_settings(
+            window=self.bv_window, ema_decay=self.bv_ema_decay,
+            initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
+            eps=self.bv_eps, scale=self.bv_scale,
+            names={setting: f"bv_{setting}" for setting in
+                   ("window", "ema_decay", "initial_baseline", "min_history", "eps", "scale")})
         if self.multi_objective_aggregation != "sum_then_normalize":
             # normalize_then_sum hands the advantage step per-function z-scores whose group means
             # are ~0 by construction, so a history of them carries no baseline information.
@@ -115,7 +119,6 @@ class BVBlendGRPOTrainer(GRPOTrainer):
             args = BVBlendGRPOConfig(f"{name.split('/')[-1]}-GRPO")
         if not isinstance(args, BVBlendGRPOConfig):
             raise TypeError(f"args must be a BVBlendGRPOConfig, got {type(args).__name__}")
-        # Built before the model is loaded so that a bad bv_* setting fails fast.
         self.bv_blend = bv_blend_ext.BVBlend(
             window=args.bv_window, ema_decay=args.bv_ema_decay,
             initial_baseline=args.bv_initial_baseline, min_history=args.bv_min_history,
