@@ -6,8 +6,9 @@ import torch
 
 import bv_blend_ext
 
+from helpers import raises_naming
+
 NAN = float("nan")
-ERRORS = (ValueError, TypeError)
 REWARDS = torch.tensor([1.0, 2.0, 4.0, 0.5, NAN, 3.0])  # N = 6
 
 # (call kwargs on REWARDS, the argument the message must name). "meta" stands in for a second
@@ -43,9 +44,6 @@ BAD_FUNCTIONAL = {
     "hist_var not a scalar": (dict(hist_var=torch.ones(2)), "hist_var"),
 }
 
-
-def raises_naming(argument):
-    return pytest.raises(ERRORS, match=rf"\b({argument})\b")
 
 
 @pytest.mark.parametrize("case", BAD_GROUPS)

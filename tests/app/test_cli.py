@@ -2,7 +2,6 @@
 errors it reports before any training starts."""
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -17,22 +16,14 @@ import torch
 from bv_blend import GRPOConfig
 from bv_blend.cli import main
 
+from helpers import read_metrics
+
 os.environ["HF_HUB_OFFLINE"] = "1"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = ["--num-generations", "4", "--batch-size", "8", "--save-steps", "0",
          "--progress-bar", "false", "--num-threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_end_to_end_with_yaml_and_flag_overrides(tmp_path):

@@ -10,6 +10,8 @@ import torch
 
 import bv_blend_ext
 
+from helpers import ragged_rewards
+
 NAN = float("nan")
 SCALES = ("group", "blend", "batch", "none")
 OPS = torch.ops.bv_blend
@@ -64,7 +66,7 @@ def test_opcheck_update_history(mean_dtype):
     torch.library.opcheck(OPS.update_history.default, (group_mean, *state, 0.25, 2))
 
 
-def test_compile_functional_fullgraph(ragged_rewards):
+def test_compile_functional_fullgraph():
     # One compiled function covering both group layouts and the backward, so that the (slow)
     # compilation happens once.
     def loss_and_stats(fixed, ragged, offsets, weights):
@@ -88,7 +90,7 @@ def test_compile_functional_fullgraph(ragged_rewards):
         torch.testing.assert_close(comp, eager, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_module_step_fullgraph(ragged_rewards):
+def test_compile_module_step_fullgraph():
     settings = dict(window=4, ema_decay=0.5, initial_baseline=0.2, min_history=2, scale="blend")
     eager, compiled_est = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings)
 

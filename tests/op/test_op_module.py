@@ -10,6 +10,8 @@ import torch
 import bv_blend_ext
 from bv_blend_ext import reference
 
+from helpers import assert_history, bits, ragged_rewards
+
 NAN = float("nan")
 
 CONFIGS = {
@@ -25,7 +27,7 @@ CONFIGS = {
 }
 
 
-def calls(dtype, ragged_rewards, count=7):
+def calls(dtype, count=7):
     """Alternating fixed-size and ragged calls; each ragged call ends with an empty group and a
     group with no valid reward, neither of which may enter the history."""
     for i in range(count):
@@ -39,17 +41,6 @@ def calls(dtype, ragged_rewards, count=7):
             yield rewards.to(dtype), dict(offsets=offsets)
 
 
-def assert_history(est, hist, rtol):
-    """The estimator's buffers hold exactly what HistoryReference holds."""
-    state = est.state_dict()
-    assert int(state["count"]) == hist.count
-    ring = torch.tensor(hist.ring, dtype=torch.float64)
-    torch.testing.assert_close(state["ring"], ring, rtol=rtol, atol=rtol)
-    torch.testing.assert_close(est.history_mean, torch.tensor(hist.ema, dtype=torch.float64),
-                               rtol=rtol, atol=rtol)
-    torch.testing.assert_close(est.history_var, torch.tensor(hist.variance, dtype=torch.float64),
-                               rtol=rtol, atol=rtol)
-
 
 # (history, advantages) tolerances against the reference. History: float32 group means of op
 # and reference may differ in the last bit. Advantages: also rounded to the rewards' dtype.
@@ -62,7 +53,7 @@ STEP_TOL = {
 
 @pytest.mark.parametrize("dtype", STEP_TOL, ids=str)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_history_reference(config, dtype, ragged_rewards):
+def test_matches_history_reference(config, dtype):
     settings = CONFIGS[config]
     scale = settings["scale"]
     history = {k: v for k, v in settings.items() if k != "scale"}
@@ -72,7 +63,7 @@ def test_matches_history_reference(config, dtype, ragged_rewards):
     # float64 rounding even where float32 group means of op and reference differ in the last bit.
     mirror = reference.HistoryReference(**history)
     loose, advantage_tol = STEP_TOL[dtype]
-    for rewards, groups in calls(dtype, ragged_rewards):
+    for rewards, groups in calls(dtype):
         want = ref.step(rewards, **groups, eps=1e-3, scale=scale)
         got = est(rewards, **groups)
         torch.testing.assert_close(got, want.advantages, **advantage_tol)
@@ -107,11 +98,11 @@ def test_groups_of_one_call_share_the_pre_call_history():
     assert float(est.history_mean) == -4.0  # the last group mean, as ema_decay = 1
 
 
-def test_step_returns_every_statistic_and_the_history_it_used(ragged_rewards, bits):
+def test_step_returns_every_statistic_and_the_history_it_used():
     settings = dict(window=5, ema_decay=0.3, initial_baseline=0.2, min_history=2)
     stepped, called = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings)
     ref = reference.HistoryReference(**settings)
-    for rewards, groups in calls(torch.float32, ragged_rewards, count=4):
+    for rewards, groups in calls(torch.float32, count=4):
         h, u = ref.ema, ref.variance
         got = stepped.step(rewards, **groups)
         advantages = called(rewards, **groups)
@@ -135,10 +126,10 @@ def round_trip(state):
     return torch.load(buffer)
 
 
-def test_state_dict_round_trip(ragged_rewards):
+def test_state_dict_round_trip():
     settings = dict(window=5, ema_decay=0.2, initial_baseline=0.5, min_history=3, scale="blend")
     est = bv_blend_ext.BVBlend(**settings)
-    batches = list(calls(torch.float32, ragged_rewards, count=6))
+    batches = list(calls(torch.float32, count=6))
     for rewards, groups in batches[:4]:
         est(rewards, **groups)
     restored = bv_blend_ext.BVBlend(**settings)
@@ -149,10 +140,10 @@ def test_state_dict_round_trip(ragged_rewards):
             assert torch.equal(restored.state_dict()[name], value), name
 
 
-def test_reset(ragged_rewards):
+def test_reset():
     settings = dict(window=4, ema_decay=0.5, initial_baseline=1.0, min_history=2)
     est = bv_blend_ext.BVBlend(**settings)
-    batches = list(calls(torch.float32, ragged_rewards, count=4))
+    batches = list(calls(torch.float32, count=4))
     for rewards, groups in batches[:3]:
         est(rewards, **groups)
     est.reset()

@@ -20,6 +20,8 @@ from bv_blend.rewards import digit_partial_credit
 from bv_blend.tasks import get_task, prompt_source
 from bv_blend.trainer import StopOnSignal, TrainingInterrupted
 
+from helpers import read_metrics
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 REQUIRED_METRICS = (
@@ -28,13 +30,6 @@ REQUIRED_METRICS = (
     "completion_length", "step_time", "step_time_generation", "step_time_forward_backward",
     "step_time_advantage")
 
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    # The configs below set num_threads=1, which is process-wide: give other tests theirs back.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_config(tmp_path, **overrides):
@@ -47,10 +42,6 @@ def small_config(tmp_path, **overrides):
 def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("estimator", ["bv_blend", "grpo", "dr_grpo", "batch", "rloo"])

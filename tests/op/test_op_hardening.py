@@ -15,13 +15,12 @@ from torch.overrides import TorchFunctionMode
 import bv_blend_ext
 from bv_blend_ext import reference
 
+from helpers import bits, raises_naming
+
 NAN, INF = float("nan"), float("inf")
 OPS = torch.ops.bv_blend
 SCALES = ("group", "blend", "batch", "none")
 
-
-def raises_naming(argument, error=(ValueError, TypeError)):
-    return pytest.raises(error, match=rf"\b({argument})\b")
 
 
 def state_of(estimator):
@@ -127,7 +126,7 @@ UNCHECKED_OFFSETS = {
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("case", UNCHECKED_OFFSETS)
-def test_unvalidated_offsets_give_defined_results(case, scale, bits):
+def test_unvalidated_offsets_give_defined_results(case, scale):
     rewards = torch.tensor([0.3, 1.0, 0.0, 0.7, 0.9, 0.1, 0.5, 0.6], requires_grad=True)
     offsets = torch.tensor(UNCHECKED_OFFSETS[case])
     outputs = []
@@ -173,7 +172,7 @@ def with_inf_as_nan(rewards):
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64),
                          ids=str)
-def test_infinite_rewards_are_unscorable(scale, dtype, bits):
+def test_infinite_rewards_are_unscorable(scale, dtype):
     rewards = torch.tensor([INF, 1.0, 0.0, 1.0, -INF, -INF, INF, INF, 0.5, NAN, 0.25, 1.0,
                             INF, 2.0, 3.0, -INF], dtype=dtype)
     got = bv_blend_ext.blend_advantages(rewards, 4, hist_mean=0.3, hist_var=0.1, scale=scale)
@@ -190,7 +189,7 @@ def test_infinite_rewards_are_unscorable(scale, dtype, bits):
 
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_gradient_of_infinite_rewards_is_zero(scale, bits):
+def test_gradient_of_infinite_rewards_is_zero(scale):
     base = torch.tensor([INF, 1.0, 0.0, 1.0, 0.5, -INF, 0.25, 1.0], dtype=torch.float64)
     weights = torch.arange(1.0, 9.0, dtype=torch.float64)
     grads = []
@@ -276,7 +275,7 @@ def test_bad_history_statistics_are_rejected(case, as_tensor):
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("case", BAD_HISTORY)
-def test_unvalidated_bad_history_is_ignored(case, scale, bits):
+def test_unvalidated_bad_history_is_ignored(case, scale):
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 1.0])
     kwargs = {k: torch.tensor(v, dtype=torch.float64) for k, v in BAD_HISTORY[case].items()}
     kwargs = {"hist_mean": torch.tensor(0.4, dtype=torch.float64),

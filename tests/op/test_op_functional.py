@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 import bv_blend_ext
 from bv_blend_ext import reference
 
+from helpers import assert_blend_close, bits, ragged_rewards
+
 NAN = float("nan")
 SCALES = ("group", "blend", "batch", "none")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -76,8 +78,7 @@ def test_nan_empty_and_single_reward_groups():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @HYPOTHESIS
 @given(groups=ragged_groups, **history)
-def test_ragged_parity_with_reference(dtype, groups, hist_mean, hist_var, eps, scale,
-                                      assert_blend_close):
+def test_ragged_parity_with_reference(dtype, groups, hist_mean, hist_var, eps, scale):
     rewards, offsets = flatten(groups)
     rewards = rewards.to(dtype)
     kwargs = dict(offsets=offsets, hist_mean=hist_mean, hist_var=hist_var, eps=eps, scale=scale)
@@ -88,8 +89,7 @@ def test_ragged_parity_with_reference(dtype, groups, hist_mean, hist_var, eps, s
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @HYPOTHESIS
 @given(data=st.data(), group_size=st.integers(1, 6), num_groups=st.integers(0, 6), **history)
-def test_fixed_size_parity_with_reference(dtype, data, group_size, num_groups, hist_mean, hist_var,
-                                          eps, scale, assert_blend_close):
+def test_fixed_size_parity_with_reference(dtype, data, group_size, num_groups, hist_mean, hist_var, eps, scale):
     values = data.draw(st.lists(reward_value, min_size=group_size * num_groups,
                                 max_size=group_size * num_groups))
     rewards = torch.tensor(values, dtype=torch.float64).to(dtype)
@@ -100,7 +100,7 @@ def test_fixed_size_parity_with_reference(dtype, data, group_size, num_groups, h
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("scale", SCALES)
-def test_continuous_rewards_parity_with_reference(dtype, scale, ragged_rewards, assert_blend_close):
+def test_continuous_rewards_parity_with_reference(dtype, scale):
     rewards, offsets = ragged_rewards(300, 12, dtype, seed=1)
     kwargs = dict(offsets=offsets, hist_mean=0.3, hist_var=0.8, scale=scale)
     got = bv_blend_ext.blend_advantages(rewards, **kwargs)
@@ -108,7 +108,7 @@ def test_continuous_rewards_parity_with_reference(dtype, scale, ragged_rewards, 
                        advantage_atol=1e-4 if dtype == torch.float32 else None)
 
 
-def test_non_contiguous_rewards(ragged_rewards):
+def test_non_contiguous_rewards():
     # Any 1-D tensor is a valid rewards argument, including a strided view.
     base, offsets = ragged_rewards(40, 6, torch.float32, seed=2)
     rewards = torch.stack([base, torch.full_like(base, 1e6)], dim=1)[:, 0]
@@ -118,14 +118,14 @@ def test_non_contiguous_rewards(ragged_rewards):
     assert torch.equal(got.advantages, want.advantages)
 
 
-def test_validate_false_gives_the_same_result(ragged_rewards):
+def test_validate_false_gives_the_same_result():
     rewards, offsets = ragged_rewards(50, 8, torch.float32, seed=3)
     got = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_var=0.5, validate=False)
     want = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_var=0.5)
     assert torch.equal(got.advantages, want.advantages)
 
 
-def test_history_statistics_as_tensors(ragged_rewards):
+def test_history_statistics_as_tensors():
     # 0-dim tensors (the estimator's float64 buffers) and plain floats are interchangeable.
     rewards, offsets = ragged_rewards(20, 6, torch.float32, seed=4)
     got = bv_blend_ext.blend_advantages(rewards, offsets=offsets,
@@ -227,7 +227,7 @@ def test_gradient_is_zero_for_nan_rewards():
 # --- determinism ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_bitwise_equal_across_thread_counts(scale, ragged_rewards, bits):
+def test_bitwise_equal_across_thread_counts(scale):
     # Large enough (~150k rewards) that both the per-group kernel and any whole-batch reduction
     # are split across threads.
     ragged, offsets = ragged_rewards(20000, 14, torch.float32, seed=6)

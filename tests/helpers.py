@@ -1,5 +1,7 @@
-"""Helpers shared by the op tests (tests/test_op_*.py). tests/ is not a package, so they are handed
-out as session fixtures rather than imported."""
+"""Helpers shared by the tests (tests/ is on pytest's pythonpath: `from helpers import ...`)."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ ADVANTAGE_TOL = {
 STAT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-def _ragged_rewards(num_groups, max_size, dtype, seed, nan_fraction=0.1, device="cpu"):
+def ragged_rewards(num_groups, max_size, dtype, seed, nan_fraction=0.1, device="cpu"):
     """Continuous rewards in ragged groups of 0..max_size rewards, with NaNs sprinkled in.
     Returns (rewards (N,), offsets (G+1,) int64), both on `device`."""
     gen = torch.Generator().manual_seed(seed)
@@ -27,20 +29,20 @@ def _ragged_rewards(num_groups, max_size, dtype, seed, nan_fraction=0.1, device=
     return rewards.to(device=device, dtype=dtype), offsets.to(device)
 
 
-def _bits(tensor):
+def bits(tensor):
     """The exact bit pattern of a tensor, so that NaNs compare equal and -0.0 differs from 0.0."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     return tensor.detach().contiguous().view(ints[tensor.element_size()])
 
 
-def _assert_blend_close(got, want, dtype, advantage_atol=None):
+def assert_blend_close(got, want, dtype, advantage_atol=None):
     """Two BlendOutputs of `dtype` rewards agree: dtypes exactly, values to ADVANTAGE_TOL and
     STAT_TOL, NaN statistics where the other has them. `advantage_atol` loosens the advantages'
     absolute tolerance for continuous rewards, where nearly equal pairs give tiny σ and rounding
     of r - B is divided by ~σ + eps."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert got.advantages.dtype == dtype
-    assert [t.dtype for t in got[1:]] == [acc, acc, acc]
+    assert [t.dtype for t in got[1:4]] == [acc, acc, acc]
     tol = dict(ADVANTAGE_TOL[dtype])
     if advantage_atol is not None:
         tol["atol"] = advantage_atol
@@ -51,16 +53,21 @@ def _assert_blend_close(got, want, dtype, advantage_atol=None):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.fixture(scope="session")
-def assert_blend_close():
-    return _assert_blend_close
+def assert_history(est, hist, rtol):
+    """The estimator's buffers (on any device) hold what a reference.HistoryReference holds."""
+    state = {name: value.cpu() for name, value in est.state_dict().items()}
+    assert int(state["count"]) == hist.count
+    torch.testing.assert_close(state["ring"], torch.tensor(hist.ring, dtype=torch.float64),
+                               rtol=rtol, atol=rtol)
+    torch.testing.assert_close(float(est.history_mean), hist.ema, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(float(est.history_var), hist.variance, rtol=rtol, atol=rtol)
 
 
-@pytest.fixture(scope="session")
-def ragged_rewards():
-    return _ragged_rewards
+def raises_naming(argument, error=(ValueError, TypeError)):
+    """pytest.raises for an error whose message names `argument` (a regex alternative)."""
+    return pytest.raises(error, match=rf"\b({argument})\b")
 
 
-@pytest.fixture(scope="session")
-def bits():
-    return _bits
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

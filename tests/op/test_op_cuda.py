@@ -8,6 +8,8 @@ import torch
 import bv_blend_ext
 from bv_blend_ext import reference
 
+from helpers import assert_blend_close, assert_history, bits, ragged_rewards
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -40,7 +42,7 @@ def on(device, rewards, offsets):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("layout", ("ragged", "special", 1, 2, 7, 16, 64, 100))
-def test_parity_with_cpu(layout, scale, dtype, ragged_rewards, assert_blend_close):
+def test_parity_with_cpu(layout, scale, dtype):
     if layout == "ragged":
         rewards, offsets = ragged_rewards(2000, 40, dtype, seed=12)
     elif layout == "special":
@@ -62,7 +64,7 @@ def test_parity_with_cpu(layout, scale, dtype, ragged_rewards, assert_blend_clos
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
-def test_backward_parity_with_cpu(scale, dtype, ragged_rewards):
+def test_backward_parity_with_cpu(scale, dtype):
     rewards, offsets = ragged_rewards(500, 20, dtype, seed=14)
     grad_out = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(15), dtype=dtype)
     grads = []
@@ -114,7 +116,7 @@ def test_opcheck_cuda(layout):
 
 
 @pytest.mark.parametrize("scale", SCALES)
-def test_bitwise_deterministic_across_runs(scale, ragged_rewards, bits):
+def test_bitwise_deterministic_across_runs(scale):
     rewards, offsets = ragged_rewards(50000, 40, torch.float32, seed=16, device="cuda")
     fixed = torch.randn(65536 * 16, device="cuda")
     grad_out = torch.randn(rewards.shape, device="cuda")
@@ -133,15 +135,8 @@ def test_bitwise_deterministic_across_runs(scale, ragged_rewards, bits):
         assert all(torch.equal(a, b) for a, b in zip(first, run()))
 
 
-def assert_history(est, hist, rtol):
-    assert int(est.count) == hist.count
-    torch.testing.assert_close(est.ring.cpu(), torch.tensor(hist.ring, dtype=torch.float64),
-                               rtol=rtol, atol=rtol)
-    torch.testing.assert_close(est.history_mean.item(), hist.ema, rtol=rtol, atol=rtol)
-    torch.testing.assert_close(est.history_var.item(), hist.variance, rtol=rtol, atol=rtol)
 
-
-def test_stateful_step_matches_reference(ragged_rewards):
+def test_stateful_step_matches_reference():
     settings = dict(window=6, ema_decay=0.3, initial_baseline=0.5, min_history=3)
     est = bv_blend_ext.BVBlend(**settings, scale="blend")
     ref = reference.HistoryReference(**settings)
@@ -158,7 +153,7 @@ def test_stateful_step_matches_reference(ragged_rewards):
 
 
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
-def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout, ragged_rewards):
+def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout):
     settings = dict(window=5, ema_decay=0.3, initial_baseline=0.1, min_history=2)
     est = bv_blend_ext.BVBlend(**settings, scale="blend").cuda()
     ref = reference.HistoryReference(**settings)
@@ -204,7 +199,7 @@ def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout, ragged_rewar
         assert_history(est, ref, 1e-5)
 
 
-def test_respects_the_current_stream(ragged_rewards):
+def test_respects_the_current_stream():
     rewards, offsets = ragged_rewards(3000, 20, torch.float32, seed=40, device="cuda")
     settings = dict(window=8, ema_decay=0.2, min_history=2)
     want = bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_mean=0.3, hist_var=0.5)
@@ -271,7 +266,7 @@ def test_cpu_rewards_with_cuda_tensors_get_value_errors():
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_infinite_rewards_match_cpu(scale, dtype, assert_blend_close):
+def test_infinite_rewards_match_cpu(scale, dtype):
     rewards = torch.tensor([INF, 1.0, 0.0, 1.0, -INF, -INF, INF, INF, 0.5, NAN, 0.25, 1.0,
                             INF, 2.0, 3.0, -INF, INF, INF, 0.5, 0.5], dtype=dtype)
     kwargs = dict(hist_mean=0.3, hist_var=0.1, scale=scale)
@@ -285,7 +280,7 @@ def test_infinite_rewards_match_cpu(scale, dtype, assert_blend_close):
 
 @pytest.mark.parametrize("offsets", ([0, 4], [0], [0, 6, 4, 8], [3, 5, 8], [-4, 2, 12]),
                          ids=str)
-def test_unvalidated_offsets_match_cpu(offsets, bits):
+def test_unvalidated_offsets_match_cpu(offsets):
     rewards = torch.tensor([0.3, 1.0, 0.0, 0.7, 0.9, 0.1, 0.5, 0.6], dtype=torch.float64)
     offsets = torch.tensor(offsets)
     results = []
@@ -308,7 +303,7 @@ def test_zero_scale_gives_zero_advantages(scale):
     assert int((out.advantages != 0).sum()) == 0 and int((grad != 0).sum()) == 0
 
 
-def test_unusable_history_is_ignored_on_cuda(bits):
+def test_unusable_history_is_ignored_on_cuda():
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 1.0], device="cuda")
     bad = torch.tensor(NAN, dtype=torch.float64, device="cuda")
     got = bv_blend_ext.blend_advantages(rewards, 2, hist_mean=bad, hist_var=0.2, validate=False)
@@ -348,7 +343,7 @@ def test_validation_synchronises_once():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_second_gpu(ragged_rewards):
+def test_second_gpu():
     # The current device stays cuda:0 while everything lives on cuda:1: the kernels must set a
     # device guard from their inputs.
     rewards, offsets = ragged_rewards(200, 12, torch.float32, seed=50)
