@@ -43,7 +43,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     extras_require={
-        "train": ["transformers>=4.56", "tokenizers", "datasets", "tqdm", "matplotlib", "pyyaml",
+        "train": ["transformers>=4.56", "tokenizers", "tqdm", "matplotlib", "pyyaml",
                   "tensorboard"],
         "trl": ["trl>=1.16,<1.17", "accelerate", "datasets"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11",
