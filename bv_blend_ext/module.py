@@ -44,7 +44,6 @@ class BVBlend(torch.nn.Module):
         self.min_history = min_history
         self.eps = float(eps)
         self.scale = scale
-        self.last_stats: BlendOutput | None = None
         self.register_buffer("ring", torch.zeros(window, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("ema", torch.tensor(self.initial_baseline, dtype=torch.float64))
@@ -65,7 +64,6 @@ class BVBlend(torch.nn.Module):
         self.count.zero_()
         self.ema.fill_(self.initial_baseline)
         self.var.zero_()
-        self.last_stats = None
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, validate: bool = True) -> BlendStep:
@@ -105,7 +103,6 @@ class BVBlend(torch.nn.Module):
             self.to(rewards.device)
         torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count, self.ema,
                                           self.var, self.alpha, self.min_history)
-        self.last_stats = BlendOutput(*(t.detach() for t in out)) if rewards.requires_grad else out
         return out, hist_mean, hist_var
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -143,11 +143,11 @@ def test_stateful_step_matches_reference():
     mirror = reference.HistoryReference(**settings)  # fed the estimator's own group means
     for seed in range(5):
         rewards, offsets = ragged_rewards(4, 6, torch.float32, seed=20 + seed)
-        got = est(rewards.cuda(), offsets=offsets.cuda())
+        got = est.step(rewards.cuda(), offsets=offsets.cuda())
         want = ref.step(rewards, offsets=offsets, scale="blend")
-        assert got.device.type == "cuda" and est.ring.device.type == "cuda"
-        torch.testing.assert_close(got.cpu(), want.advantages, rtol=1e-5, atol=1e-4)
-        mirror.push(est.last_stats.group_mean.cpu())
+        assert got.advantages.device.type == "cuda" and est.ring.device.type == "cuda"
+        torch.testing.assert_close(got.advantages.cpu(), want.advantages, rtol=1e-5, atol=1e-4)
+        mirror.push(got.group_mean.cpu())
         assert_history(est, mirror, 1e-12)
         assert_history(est, ref, 1e-5)
 

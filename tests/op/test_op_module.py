@@ -1,6 +1,6 @@
 """bv_blend_ext.BVBlend, the stateful estimator: its history against reference.HistoryReference
 over many calls (ring wrap-around, min_history, ema_decay), state_dict round trip, reset,
-last_stats and gradients."""
+step's statistics and gradients."""
 
 import io
 
@@ -65,12 +65,12 @@ def test_matches_history_reference(config, dtype):
     loose, advantage_tol = STEP_TOL[dtype]
     for rewards, groups in calls(dtype):
         want = ref.step(rewards, **groups, eps=1e-3, scale=scale)
-        got = est(rewards, **groups)
-        torch.testing.assert_close(got, want.advantages, **advantage_tol)
+        got = est.step(rewards, **groups)
+        torch.testing.assert_close(got.advantages, want.advantages, **advantage_tol)
         for name in ("group_mean", "group_std", "beta"):
-            torch.testing.assert_close(getattr(est.last_stats, name), getattr(want, name),
+            torch.testing.assert_close(getattr(got, name), getattr(want, name),
                                        rtol=loose, atol=loose, equal_nan=True)
-        mirror.push(est.last_stats.group_mean)
+        mirror.push(got.group_mean)
         assert_history(est, mirror, 1e-12)
         assert_history(est, ref, loose)
     assert ref.count > settings["window"], "the ring never wrapped around"
@@ -78,7 +78,6 @@ def test_matches_history_reference(config, dtype):
 
 def test_initial_state():
     est = bv_blend_ext.BVBlend(window=10, initial_baseline=0.25)
-    assert est.last_stats is None
     for stat, value in ((est.history_mean, 0.25), (est.history_var, 0.0)):
         assert stat.dtype == torch.float64 and stat.dim() == 0 and float(stat) == value
     assert set(est.state_dict()) == {"ring", "count", "ema", "var"}
@@ -104,12 +103,14 @@ def test_step_returns_every_statistic_and_the_history_it_used():
     ref = reference.HistoryReference(**settings)
     for rewards, groups in calls(torch.float32, count=4):
         h, u = ref.ema, ref.variance
+        want = bv_blend_ext.blend_advantages(rewards, **groups, hist_mean=called.ema.clone(),
+                                             hist_var=called.var.clone())
         got = stepped.step(rewards, **groups)
         advantages = called(rewards, **groups)
         assert isinstance(got, bv_blend_ext.BlendStep)
         assert torch.equal(bits(got.advantages), bits(advantages))
-        for name in ("group_mean", "group_std", "beta"):
-            assert torch.equal(bits(getattr(got, name)), bits(getattr(called.last_stats, name)))
+        for name in want._fields:
+            assert torch.equal(bits(getattr(got, name)), bits(getattr(want, name))), name
         torch.testing.assert_close(float(got.history_mean), h, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(float(got.history_var), u, rtol=1e-5, atol=1e-6)
         # Copies, not the live buffers that the update has already moved on.
@@ -148,22 +149,22 @@ def test_reset():
         est(rewards, **groups)
     est.reset()
     fresh = bv_blend_ext.BVBlend(**settings)
-    assert est.last_stats is None
     for name, value in fresh.state_dict().items():
         assert torch.equal(est.state_dict()[name], value), name
     rewards, groups = batches[3]
     assert torch.equal(est(rewards, **groups), fresh(rewards, **groups))
 
 
-def test_last_stats_are_the_calls_statistics_detached():
+def test_step_statistics_are_detached_and_advantages_differentiable():
     est = bv_blend_ext.BVBlend(window=4, ema_decay=0.5, min_history=2)
     est(torch.tensor([1.0, 2.0, 4.0, 7.0]), 2)
     rewards = torch.tensor([0.5, 3.0, NAN, 2.0, 6.0, 6.0], requires_grad=True)
     h, u = est.history_mean.clone(), est.history_var.clone()
-    got = est(rewards, 3)
+    got = est.step(rewards, 3)
     want = bv_blend_ext.blend_advantages(rewards.detach(), 3, hist_mean=h, hist_var=u)
-    assert torch.equal(got.detach(), want.advantages)
-    for stat, expected in zip(est.last_stats, want):
+    assert got.advantages.requires_grad
+    assert torch.equal(got.advantages.detach(), want.advantages)
+    for stat, expected in zip(got[1:], want[1:]):
         assert not stat.requires_grad
         assert torch.equal(stat.nan_to_num(-1), expected.nan_to_num(-1))
 
