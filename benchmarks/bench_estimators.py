@@ -60,6 +60,16 @@ def fmt(stat: tuple[float, float, float], digits: int = 3, unit: str = "") -> st
     return f"{one(m)} [{one(lo)}, {one(hi)}]"
 
 
+def summary(runs: list[dict], key: str, scale: float = 1.0) -> str:
+    """`key` (times `scale`) over runs, one per seed: median [95% interval], as a table cell."""
+    return fmt(median_ci([scale * r[key] for r in runs]))
+
+
+def reached(runs: list[dict]) -> str:
+    """How many of the runs reached the threshold, of how many."""
+    return f"{sum(math.isfinite(r['steps_to_threshold']) for r in runs)}/{len(runs)}"
+
+
 def ratios(runs: list[dict], key: str, name: str) -> list[float]:
     """Per-seed ratio of `key` for estimator `name` to grpo's on the same seed."""
     base = {(r["scenario"], r["seed"]): r[key] for r in runs if r["estimator"] == "grpo"}
@@ -134,16 +144,11 @@ def sim_markdown(runs, base: sim.SimConfig, seeds: int, command: str, main: str)
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for est in ESTIMATORS:
         rs = [r for r in sel if r["estimator"] == est]
-        reached = sum(math.isfinite(r["steps_to_threshold"]) for r in rs)
         lines.append(
-            f"| {est} | {fmt(median_ci([r['trace_cov_init'] for r in rs]))} "
-            f"| {fmt(median_ci([r['rel_var_init'] for r in rs]))} "
-            f"| {fmt(median_ci(ratios(sel, 'rel_var_init', est)))} "
-            f"| {fmt(median_ci([r['cos_sample_init'] for r in rs]))} "
-            f"| {fmt(median_ci([r['rel_var_mid'] for r in rs]))} "
-            f"| {fmt(median_ci(ratios(sel, 'rel_var_mid', est)))} "
-            f"| {fmt(median_ci([r['cos_sample_mid'] for r in rs]))} "
-            f"| {fmt(median_ci([r['steps_to_threshold'] for r in rs]))} | {reached}/{len(rs)} |")
+            f"| {est} | {summary(rs, 'trace_cov_init')} | {summary(rs, 'rel_var_init')} "
+            f"| {fmt(median_ci(ratios(sel, 'rel_var_init', est)))} | {summary(rs, 'cos_sample_init')} "
+            f"| {summary(rs, 'rel_var_mid')} | {fmt(median_ci(ratios(sel, 'rel_var_mid', est)))} "
+            f"| {summary(rs, 'cos_sample_mid')} | {summary(rs, 'steps_to_threshold')} | {reached(rs)} |")
     scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
     for key, title in (("rel_var_init", "Relative gradient variance at the initial policy, x grpo"),
                        ("rel_var_mid", "Relative gradient variance halfway to Jmax, x grpo"),
@@ -154,7 +159,7 @@ def sim_markdown(runs, base: sim.SimConfig, seeds: int, command: str, main: str)
         for sc in scenarios:
             sel = [r for r in runs if r["scenario"] == sc]
             if key == "steps_to_threshold":
-                cells = [fmt(median_ci([r[key] for r in sel if r["estimator"] == e])) for e in ESTIMATORS]
+                cells = [summary([r for r in sel if r["estimator"] == e], key) for e in ESTIMATORS]
             else:
                 cells = [fmt(median_ci(ratios(sel, key, e))) for e in ESTIMATORS]
             lines.append(f"| {sc} | " + " | ".join(cells) + " |")
@@ -276,13 +281,10 @@ def trainer_markdown(runs, args, command: str) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for est in est_names:
         rs = [r for r in runs if r["estimator"] == est]
-        reached = sum(math.isfinite(r["steps_to_threshold"]) for r in rs)
         lines.append(
-            f"| {est} | {fmt(median_ci([r['steps_to_threshold'] for r in rs]))} | {reached}/{len(rs)} "
-            f"| {fmt(median_ci([r['final_reward'] for r in rs]))} "
-            f"| {fmt(median_ci([1e3 * r['reward_step_var'] for r in rs]))} "
-            f"| {fmt(median_ci([1e3 * r['reward_var'] for r in rs]))} "
-            f"| {fmt(median_ci([r['advantage_abs_max'] for r in rs]))} |")
+            f"| {est} | {summary(rs, 'steps_to_threshold')} | {reached(rs)} "
+            f"| {summary(rs, 'final_reward')} | {summary(rs, 'reward_step_var', 1e3)} "
+            f"| {summary(rs, 'reward_var', 1e3)} | {summary(rs, 'advantage_abs_max')} |")
     return "\n".join(lines) + "\n"
 
 
