@@ -4,9 +4,9 @@
     python benchmarks/ab_builds.py OLD NEW --rounds 4 --sizes 1024x16,65536x16
 
 A process can load only one build of the op library, so each measurement runs in a child process
-importing the given tree's `bv_blend_ext` (built in place there) and this tree's bench_op timing
-code; the trees alternate round by round so that both see the same machine load. Reports the best
-time per case and tree, and after/before.
+importing the given tree's `bv_blend_ext` (built in place there) and this tree's benchmark code
+(bench_op's cases, the harness's timing); the trees alternate round by round so that both see the
+same machine load. Reports the best time per case and tree, and after/before.
 """
 
 from __future__ import annotations
@@ -21,26 +21,35 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CASES = ("forward", "forward+backward", "step")
 
+# Both trees hold a `bv_blend_ext` and may hold a `benchmarks` package, so the child puts each
+# tree first on sys.path in turn, before anything else there (the current directory included),
+# while it imports the package it wants from it.
 CHILD = """
 import json, sys, torch
+tree, this_tree, sizes, cases = sys.argv[1:]
+sys.path.insert(0, tree)
+import bv_blend_ext
+sys.path[0] = this_tree
+from benchmarks import bench_op, harness
 torch.set_num_threads(1)
-import bench_op
-sizes = [bench_op.Size(*map(int, s.split("x"))) for s in sys.argv[1].split(",")]
-cases = sys.argv[2].split(",")
-out = {}
-for size in sizes:
-    for case in cases:
+seconds = {}
+for size in [bench_op.Size(*map(int, s.split("x"))) for s in sizes.split(",")]:
+    for case in cases.split(","):
         fn = bench_op.build(case, "op", size, "cpu")
-        out[f"{case} {size.label}"] = bench_op.time_callable(fn, "cpu", 0.5, 5)[0]
-print(json.dumps(out))
+        seconds[f"{case} {size.label}"] = harness.time_callable(fn, "cpu", 0.5, 5)[0]
+print(json.dumps(dict(library=bv_blend_ext.__file__, seconds=seconds)))
 """
 
 
 def measure(tree: Path, sizes: str, cases: str) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(HERE)])}
-    result = subprocess.run([sys.executable, "-c", CHILD, sizes, cases], env=env, check=True,
-                            capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    tree = tree.resolve()
+    result = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(HERE.parent), sizes, cases],
+                            check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # A child that loaded another tree's build would compare one build with itself.
+    if not Path(report["library"]).is_relative_to(tree):
+        raise RuntimeError(f"timing {tree}, the child loaded {report['library']}")
+    return report["seconds"]
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ benchmarks/results/estimators/.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 import tempfile
@@ -27,9 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import estimator_sim as sim
+if not __package__:
+    # Run as `python benchmarks/bench_estimators.py`: the repository root makes this script's
+    # siblings importable as the `benchmarks` package, as they are under pytest.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results" / "estimators"
+from benchmarks import estimator_sim as sim  # noqa: E402
+from benchmarks import harness  # noqa: E402
+
+RESULTS = harness.RESULTS / "estimators"
 ESTIMATORS = sim.ESTIMATORS
 
 
@@ -55,24 +60,20 @@ def fmt(stat: tuple[float, float, float], digits: int = 3, unit: str = "") -> st
     return f"{one(m)} [{one(lo)}, {one(hi)}]"
 
 
+def summary(runs: list[dict], key: str, scale: float = 1.0) -> str:
+    """`key` (times `scale`) over runs, one per seed: median [95% interval], as a table cell."""
+    return fmt(median_ci([scale * r[key] for r in runs]))
+
+
+def reached(runs: list[dict]) -> str:
+    """How many of the runs reached the threshold, of how many."""
+    return f"{sum(math.isfinite(r['steps_to_threshold']) for r in runs)}/{len(runs)}"
+
+
 def ratios(runs: list[dict], key: str, name: str) -> list[float]:
     """Per-seed ratio of `key` for estimator `name` to grpo's on the same seed."""
     base = {(r["scenario"], r["seed"]): r[key] for r in runs if r["estimator"] == "grpo"}
     return [r[key] / base[(r["scenario"], r["seed"])] for r in runs if r["estimator"] == name]
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _band(ax, curves: np.ndarray, label: str):
@@ -143,16 +144,11 @@ def sim_markdown(runs, base: sim.SimConfig, seeds: int, command: str, main: str)
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for est in ESTIMATORS:
         rs = [r for r in sel if r["estimator"] == est]
-        reached = sum(math.isfinite(r["steps_to_threshold"]) for r in rs)
         lines.append(
-            f"| {est} | {fmt(median_ci([r['trace_cov_init'] for r in rs]))} "
-            f"| {fmt(median_ci([r['rel_var_init'] for r in rs]))} "
-            f"| {fmt(median_ci(ratios(sel, 'rel_var_init', est)))} "
-            f"| {fmt(median_ci([r['cos_sample_init'] for r in rs]))} "
-            f"| {fmt(median_ci([r['rel_var_mid'] for r in rs]))} "
-            f"| {fmt(median_ci(ratios(sel, 'rel_var_mid', est)))} "
-            f"| {fmt(median_ci([r['cos_sample_mid'] for r in rs]))} "
-            f"| {fmt(median_ci([r['steps_to_threshold'] for r in rs]))} | {reached}/{len(rs)} |")
+            f"| {est} | {summary(rs, 'trace_cov_init')} | {summary(rs, 'rel_var_init')} "
+            f"| {fmt(median_ci(ratios(sel, 'rel_var_init', est)))} | {summary(rs, 'cos_sample_init')} "
+            f"| {summary(rs, 'rel_var_mid')} | {fmt(median_ci(ratios(sel, 'rel_var_mid', est)))} "
+            f"| {summary(rs, 'cos_sample_mid')} | {summary(rs, 'steps_to_threshold')} | {reached(rs)} |")
     scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
     for key, title in (("rel_var_init", "Relative gradient variance at the initial policy, x grpo"),
                        ("rel_var_mid", "Relative gradient variance halfway to Jmax, x grpo"),
@@ -163,7 +159,7 @@ def sim_markdown(runs, base: sim.SimConfig, seeds: int, command: str, main: str)
         for sc in scenarios:
             sel = [r for r in runs if r["scenario"] == sc]
             if key == "steps_to_threshold":
-                cells = [fmt(median_ci([r[key] for r in sel if r["estimator"] == e])) for e in ESTIMATORS]
+                cells = [summary([r for r in sel if r["estimator"] == e], key) for e in ESTIMATORS]
             else:
                 cells = [fmt(median_ci(ratios(sel, key, e))) for e in ESTIMATORS]
             lines.append(f"| {sc} | " + " | ".join(cells) + " |")
@@ -171,46 +167,42 @@ def sim_markdown(runs, base: sim.SimConfig, seeds: int, command: str, main: str)
 
 
 def sim_plot(path: Path, runs, curves, main: str, max_steps: int) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    for est in ESTIMATORS:
-        _band(axes[0][0], np.asarray(curves[(main, est)]), est)
-    axes[0][0].set(title=f"exact success J during training ({main}); median, IQR",
-                   xlabel="step", ylabel="J")
-    axes[0][0].legend(fontsize=7)
+    with harness.figure(path, 2, 2, figsize=(12, 8.5)) as (_, axes):
+        for est in ESTIMATORS:
+            _band(axes[0][0], np.asarray(curves[(main, est)]), est)
+        axes[0][0].set(title=f"exact success J during training ({main}); median, IQR",
+                       xlabel="step", ylabel="J")
+        axes[0][0].legend(fontsize=7)
 
-    scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
-    width = 0.8 / len(ESTIMATORS)
-    for ax, key, title in ((axes[0][1], "rel_var_init", "relative gradient variance x grpo, initial policy"),
-                           (axes[1][0], "rel_var_mid", "relative gradient variance x grpo, halfway policy")):
+        scenarios = list(dict.fromkeys(r["scenario"] for r in runs))
+        width = 0.8 / len(ESTIMATORS)
+        for ax, key, title in ((axes[0][1], "rel_var_init", "relative gradient variance x grpo, initial policy"),
+                               (axes[1][0], "rel_var_mid", "relative gradient variance x grpo, halfway policy")):
+            for i, est in enumerate(ESTIMATORS):
+                stats = [median_ci(ratios([r for r in runs if r["scenario"] == sc], key, est)) for sc in scenarios]
+                x = np.arange(len(scenarios)) + (i - len(ESTIMATORS) / 2 + 0.5) * width
+                m = np.array([s[0] for s in stats])
+                err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
+                ax.bar(x, m, width, yerr=err, capsize=2, label=est)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(scenarios)), scenarios, rotation=20, fontsize=8)
+            ax.set_title(title + " (95% CI)", fontsize=10)
+        axes[0][1].legend(fontsize=7)
+
+        ax = axes[1][1]
         for i, est in enumerate(ESTIMATORS):
-            stats = [median_ci(ratios([r for r in runs if r["scenario"] == sc], key, est)) for sc in scenarios]
+            stats = [median_ci([r["steps_to_threshold"] for r in runs
+                                if r["scenario"] == sc and r["estimator"] == est]) for sc in scenarios]
             x = np.arange(len(scenarios)) + (i - len(ESTIMATORS) / 2 + 0.5) * width
-            m = np.array([s[0] for s in stats])
-            err = np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]])
+            cap = max_steps * 1.05
+            m = np.array([min(s[0], cap) for s in stats])
+            err = np.array([[m[j] - min(s[1], cap) for j, s in enumerate(stats)],
+                            [min(s[2], cap) - m[j] for j, s in enumerate(stats)]])
             ax.bar(x, m, width, yerr=err, capsize=2, label=est)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_yscale("log")
         ax.set_xticks(range(len(scenarios)), scenarios, rotation=20, fontsize=8)
-        ax.set_title(title + " (95% CI)", fontsize=10)
-    axes[0][1].legend(fontsize=7)
-
-    ax = axes[1][1]
-    for i, est in enumerate(ESTIMATORS):
-        stats = [median_ci([r["steps_to_threshold"] for r in runs
-                            if r["scenario"] == sc and r["estimator"] == est]) for sc in scenarios]
-        x = np.arange(len(scenarios)) + (i - len(ESTIMATORS) / 2 + 0.5) * width
-        cap = max_steps * 1.05
-        m = np.array([min(s[0], cap) for s in stats])
-        err = np.array([[m[j] - min(s[1], cap) for j, s in enumerate(stats)],
-                        [min(s[2], cap) - m[j] for j, s in enumerate(stats)]])
-        ax.bar(x, m, width, yerr=err, capsize=2, label=est)
-    ax.set_xticks(range(len(scenarios)), scenarios, rotation=20, fontsize=8)
-    ax.axhline(max_steps, color="grey", lw=0.8, ls=":")
-    ax.set_title("steps to threshold, median (95% CI; above the dotted line = never)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.axhline(max_steps, color="grey", lw=0.8, ls=":")
+        ax.set_title("steps to threshold, median (95% CI; above the dotted line = never)", fontsize=10)
 
 
 # part B2: the real trainer -------------------------------------------------------------------
@@ -289,41 +281,34 @@ def trainer_markdown(runs, args, command: str) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for est in est_names:
         rs = [r for r in runs if r["estimator"] == est]
-        reached = sum(math.isfinite(r["steps_to_threshold"]) for r in rs)
         lines.append(
-            f"| {est} | {fmt(median_ci([r['steps_to_threshold'] for r in rs]))} | {reached}/{len(rs)} "
-            f"| {fmt(median_ci([r['final_reward'] for r in rs]))} "
-            f"| {fmt(median_ci([1e3 * r['reward_step_var'] for r in rs]))} "
-            f"| {fmt(median_ci([1e3 * r['reward_var'] for r in rs]))} "
-            f"| {fmt(median_ci([r['advantage_abs_max'] for r in rs]))} |")
+            f"| {est} | {summary(rs, 'steps_to_threshold')} | {reached(rs)} "
+            f"| {summary(rs, 'final_reward')} | {summary(rs, 'reward_step_var', 1e3)} "
+            f"| {summary(rs, 'reward_var', 1e3)} | {summary(rs, 'advantage_abs_max')} |")
     return "\n".join(lines) + "\n"
 
 
 def trainer_plot(path: Path, runs, curves, args) -> None:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for est, cs in curves.items():
-        _band(axes[0], np.stack([moving_average(c, args.smooth) for c in cs]), est)
-    axes[0].axhline(args.threshold, color="k", lw=0.8, ls="--")
-    axes[0].set(title=f"batch reward ({args.smooth}-step mean), median and IQR over seeds",
-                xlabel="step", ylabel="reward")
-    axes[0].legend(fontsize=7)
-    names = list(curves)
-    for i, est in enumerate(names):
-        steps = [min(r["steps_to_threshold"], args.steps * 1.05) for r in runs if r["estimator"] == est]
-        axes[1].scatter(np.full(len(steps), i) + np.linspace(-0.15, 0.15, len(steps)), steps, s=12)
-        m, lo, hi = median_ci([r["steps_to_threshold"] for r in runs if r["estimator"] == est])
-        axes[1].errorbar(i + 0.3, min(m, args.steps * 1.05),
-                         yerr=[[min(m, args.steps * 1.05) - min(lo, args.steps * 1.05)],
-                               [min(hi, args.steps * 1.05) - min(m, args.steps * 1.05)]],
-                         fmt="o", color="k", capsize=3)
-    axes[1].axhline(args.steps, color="grey", lw=0.8, ls=":")
-    axes[1].set_xticks(range(len(names)), names, rotation=20)
-    axes[1].set_title("steps to threshold per seed (dots; top line = never), median + 95% CI",
-                      fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with harness.figure(path, 1, 2, figsize=(12, 4.2)) as (_, axes):
+        for est, cs in curves.items():
+            _band(axes[0], np.stack([moving_average(c, args.smooth) for c in cs]), est)
+        axes[0].axhline(args.threshold, color="k", lw=0.8, ls="--")
+        axes[0].set(title=f"batch reward ({args.smooth}-step mean), median and IQR over seeds",
+                    xlabel="step", ylabel="reward")
+        axes[0].legend(fontsize=7)
+        names = list(curves)
+        for i, est in enumerate(names):
+            steps = [min(r["steps_to_threshold"], args.steps * 1.05) for r in runs if r["estimator"] == est]
+            axes[1].scatter(np.full(len(steps), i) + np.linspace(-0.15, 0.15, len(steps)), steps, s=12)
+            m, lo, hi = median_ci([r["steps_to_threshold"] for r in runs if r["estimator"] == est])
+            axes[1].errorbar(i + 0.3, min(m, args.steps * 1.05),
+                             yerr=[[min(m, args.steps * 1.05) - min(lo, args.steps * 1.05)],
+                                   [min(hi, args.steps * 1.05) - min(m, args.steps * 1.05)]],
+                             fmt="o", color="k", capsize=3)
+        axes[1].axhline(args.steps, color="grey", lw=0.8, ls=":")
+        axes[1].set_xticks(range(len(names)), names, rotation=20)
+        axes[1].set_title("steps to threshold per seed (dots; top line = never), median + 95% CI",
+                          fontsize=10)
 
 
 # command line --------------------------------------------------------------------------------
@@ -354,9 +339,8 @@ def main(argv=None) -> int:
                             "benchmarks/results/quick)")
     args = p.parse_args(argv)
     if args.out_dir is None:
-        args.out_dir = RESULTS.parent / "quick" if args.quick else RESULTS
-    command = " ".join(["python benchmarks/bench_estimators.py",
-                        *(sys.argv[1:] if argv is None else argv)])
+        args.out_dir = harness.QUICK_RESULTS if args.quick else RESULTS
+    command = harness.command_line(__file__, argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -372,7 +356,7 @@ def main(argv=None) -> int:
         runs, curves = run_sim(base, group_sizes, difficulties, seeds)
         main_scenario = scenario_name(replace(base, group_size=group_sizes[0],
                                               difficulty=difficulties[0]))
-        write_csv(args.out_dir / "sim_runs.csv", runs)
+        harness.write_csv(args.out_dir / "sim_runs.csv", runs)
         (args.out_dir / "sim.md").write_text(
             sim_markdown(runs, base, seeds, command, main_scenario)
             + f"\nConfig: `{asdict(base)}`. Wall time {time.perf_counter() - start:.0f} s.\n")
@@ -391,7 +375,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as work:
             runs, curves = run_trainer(list(dict.fromkeys(estimators)), args.seeds, args.steps,
                                        args.threshold, args.smooth, overrides, Path(work))
-        write_csv(args.out_dir / "trainer_runs.csv", runs)
+        harness.write_csv(args.out_dir / "trainer_runs.csv", runs)
         (args.out_dir / "trainer.md").write_text(
             trainer_markdown(runs, args, command)
             + f"\nWall time {time.perf_counter() - start:.0f} s.\n")

@@ -20,7 +20,6 @@ Writes op.md, op.csv and op.png under benchmarks/results/<device-name>/.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import re
@@ -28,26 +27,41 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-import bv_blend_ext
-from bv_blend_ext import reference
+if not __package__:
+    # Run as `python benchmarks/bench_op.py`: the repository root makes this script's siblings
+    # importable as the `benchmarks` package, as they are under pytest.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pytorch_baseline as baseline
+import bv_blend_ext  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks import pytorch_baseline as baseline  # noqa: E402
+from bv_blend_ext import reference  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("forward", "forward+backward", "step")
 IMPLS = ("op", "op_raw", "op_graph", "eager", "compile", "loop_ref")
 HIST_MEAN, HIST_VAR, EPS, SCALE = 0.3, 0.05, 1e-4, "blend"
 WINDOW, MIN_HISTORY = 100, 2
 CLONE_REWARDS = 1 << 26
-LOOP_REF_MAX_GROUPS = 1024  # --loop-ref-max-groups
-REPEATS = 7  # timed blocks per measurement (3 with --quick)
-LOAD = [0.0]  # the load average when the device's run started
-NOTES: list[str] = []  # what could not be measured, for the report
+
+
+@dataclass(frozen=True)
+class Target:
+    """The issue's speed targets on one device, checked against each run in its report."""
+    who: str
+    threads: int | None  # the CPU thread count whose rows they judge; None: every row (CUDA)
+    vs_eager: float  # op time x this <= eager time, every case and size
+    vs_compile: float  # op time x this <= torch.compile time at `compile_size`, every case
+    compile_size: str = "1024x16"
+
+
+TARGETS = {"cpu": Target("CPU 1 thread", threads=1, vs_eager=10.0, vs_compile=1.5),
+           "cuda": Target("CUDA", threads=None, vs_eager=10.0, vs_compile=2.0)}
 
 
 @dataclass(frozen=True)
@@ -66,24 +80,112 @@ FULL_SIZES = (Size(64, 8), Size(1024, 16), Size(16384, 16), Size(65536, 16), Siz
 QUICK_SIZES = (Size(64, 8), Size(1024, 16), Size(256, 16, True))
 
 
-def make_inputs(size: Size, device: str, seed: int = 0):
-    """Rewards (uniform in [0, 1); 1% NaN in the ragged case) and offsets (None unless ragged)."""
-    g = torch.Generator().manual_seed(seed)
-    if not size.ragged:
+@dataclass(frozen=True)
+class Plan:
+    """What a run measures, and how long it times each measurement."""
+    sizes: tuple[Size, ...]
+    impls: tuple[str, ...]
+    budget_s: float  # seconds of calls per measurement, over `repeats` timed blocks
+    repeats: int
+    loop_ref_max_groups: int  # the Python-loop reference is timed up to this many groups only
+
+
+FULL = Plan(FULL_SIZES, IMPLS, budget_s=0.25, repeats=7, loop_ref_max_groups=1024)
+QUICK = Plan(QUICK_SIZES, tuple(i for i in IMPLS if i != "compile"), budget_s=0.01, repeats=3,
+             loop_ref_max_groups=64)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One size's inputs on one device, as every implementation is handed them."""
+    rewards: torch.Tensor
+    offsets: torch.Tensor | None  # None unless ragged
+    group_size: int | None  # None when ragged
+    hist_mean: torch.Tensor  # HIST_MEAN and HIST_VAR as float64 scalars on the device
+    hist_var: torch.Tensor
+    device: str
+
+
+def make_inputs(size: Size, device: str) -> Inputs:
+    """Rewards uniform in [0, 1), with 1% NaN and offsets in the ragged case."""
+    g = torch.Generator().manual_seed(0)
+    if size.ragged:
+        lengths = torch.randint(1, 2 * size.group_size, (size.groups,), generator=g)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        rewards = torch.rand(int(offsets[-1]), generator=g)
+        rewards[torch.rand(rewards.numel(), generator=g) < 0.01] = float("nan")
+        offsets, group_size = offsets.to(device), None
+    else:
         rewards = torch.rand(size.groups * size.group_size, generator=g)
-        return rewards.to(device), None
-    lengths = torch.randint(1, 2 * size.group_size, (size.groups,), generator=g)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    rewards = torch.rand(int(offsets[-1]), generator=g)
-    rewards[torch.rand(rewards.numel(), generator=g) < 0.01] = float("nan")
-    return rewards.to(device), offsets.to(device)
+        offsets, group_size = None, size.group_size
+    return Inputs(rewards.to(device), offsets, group_size,
+                  torch.tensor(HIST_MEAN, dtype=torch.float64, device=device),
+                  torch.tensor(HIST_VAR, dtype=torch.float64, device=device), device)
 
 
-def _compiled(fn):
+# The implementations, each a function of the Inputs. Those of the advantages return
+# f(rewards), which the forward cases below call; those of the stateful step return the call to
+# time, so they are builders themselves.
+
+def _compile(fn):
+    # Inductor's CPU kernels are specialised on the thread count, which dynamo's guards do not
+    # check: compile afresh for every case, size and thread setting.
+    torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def _stateful_step(rewards, offsets, group_size: int, ring, count, ema, var):
+def op_advantages(x: Inputs):
+    return lambda r: bv_blend_ext.blend_advantages(r, x.group_size, offsets=x.offsets,
+                                                   hist_mean=x.hist_mean, hist_var=x.hist_var,
+                                                   eps=EPS, scale=SCALE)
+
+
+def raw_advantages(x: Inputs):
+    return lambda r: torch.ops.bv_blend.group_advantages(r, x.offsets, x.group_size or 0,
+                                                         x.hist_mean, x.hist_var, EPS, SCALE)
+
+
+def eager_advantages(x: Inputs):
+    return lambda r: baseline.blend_advantages(r, x.group_size, offsets=x.offsets,
+                                               hist_mean=x.hist_mean, hist_var=x.hist_var,
+                                               eps=EPS, scale=SCALE)
+
+
+def compiled_advantages(x: Inputs):
+    return _compile(eager_advantages(x))
+
+
+def reference_advantages(x: Inputs):
+    return lambda r: reference.blend_advantages(r, x.group_size, offsets=x.offsets,
+                                                hist_mean=HIST_MEAN, hist_var=HIST_VAR, eps=EPS,
+                                                scale=SCALE)
+
+
+def op_step(x: Inputs):
+    est = bv_blend_ext.BVBlend(window=WINDOW, min_history=MIN_HISTORY, eps=EPS,
+                               scale=SCALE).to(x.device)
+    return lambda: est(x.rewards, x.group_size, offsets=x.offsets)
+
+
+def raw_step(x: Inputs):
+    hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=x.device)
+
+    def step():
+        out = torch.ops.bv_blend.group_advantages(x.rewards, x.offsets, x.group_size or 0,
+                                                  hist.ema, hist.var, EPS, SCALE)
+        torch.ops.bv_blend.update_history(out[1], hist.ring, hist.count, hist.ema, hist.var,
+                                          hist.alpha, MIN_HISTORY)
+        return out[0]
+    return step
+
+
+def eager_step(x: Inputs):
+    hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=x.device)
+    return lambda: hist.step(x.rewards, x.group_size, offsets=x.offsets, eps=EPS, scale=SCALE)
+
+
+def _functional_step(rewards, offsets, group_size: int, ring, count, ema, var):
+    """eager_step with its history passed in and returned, the form torch.compile traces whole."""
     out = baseline.blend_advantages(rewards, group_size if offsets is None else None,
                                     offsets=offsets, hist_mean=ema, hist_var=var, eps=EPS,
                                     scale=SCALE)
@@ -92,81 +194,48 @@ def _stateful_step(rewards, offsets, group_size: int, ring, count, ema, var):
     return out.advantages, ring, count, ema, var
 
 
+def compiled_step(x: Inputs):
+    step = _compile(_functional_step)
+    hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=x.device)
+    state = [hist.ring, hist.count, hist.ema, hist.var]
 
-def build(case: str, impl: str, size: Size, device: str):
-    """A zero-argument callable running one `case` with `impl`, or None where it does not apply.
-    The first call of a `compile` callable compiles it."""
-    rewards, offsets = make_inputs(size, device)
-    k = None if size.ragged else size.group_size
-    h = torch.tensor(HIST_MEAN, dtype=torch.float64, device=device)
-    u = torch.tensor(HIST_VAR, dtype=torch.float64, device=device)
-    if impl == "loop_ref" and size.groups > LOOP_REF_MAX_GROUPS:
-        return None
-    if impl == "op_graph" and (device != "cuda" or case == "forward+backward"):
-        return None
-    if impl == "op_raw" and case == "forward+backward":
-        return None
-    if impl == "compile":
-        # Inductor's CPU kernels are specialised on the thread count, which dynamo's guards do
-        # not check: compile afresh for every case, size and thread setting.
-        torch._dynamo.reset()
+    def call():
+        adv, *new_state = step(x.rewards, x.offsets, x.group_size or 0, *state)
+        state[:] = new_state
+        return adv
+    return call
 
-    if case in ("forward", "forward+backward"):
-        if impl == "op":
-            def f(r):
-                return bv_blend_ext.blend_advantages(r, k, offsets=offsets, hist_mean=h,
-                                                     hist_var=u, eps=EPS, scale=SCALE)
-        elif impl in ("op_raw", "op_graph"):
-            def f(r):
-                return torch.ops.bv_blend.group_advantages(r, offsets, k or 0, h, u, EPS, SCALE)
-        elif impl in ("eager", "compile"):
-            def f(r):
-                return baseline.blend_advantages(r, k, offsets=offsets, hist_mean=h, hist_var=u,
-                                                 eps=EPS, scale=SCALE)
-            if impl == "compile":
-                f = _compiled(f)
-        else:
-            def f(r):
-                return reference.blend_advantages(r, k, offsets=offsets, hist_mean=HIST_MEAN,
-                                                  hist_var=HIST_VAR, eps=EPS, scale=SCALE)
-        if case == "forward":
-            fn = lambda: f(rewards)  # noqa: E731
-        else:
-            leaf = rewards.clone().requires_grad_(True)
-            grad_out = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(1)).to(device)
-            fn = lambda: torch.autograd.grad(f(leaf)[0], leaf, grad_out)  # noqa: E731
-    else:  # step
-        if impl == "op":
-            est = bv_blend_ext.BVBlend(window=WINDOW, min_history=MIN_HISTORY, eps=EPS,
-                                       scale=SCALE).to(device)
-            fn = lambda: est(rewards, k, offsets=offsets)  # noqa: E731
-        elif impl in ("op_raw", "op_graph"):
-            hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=device)
 
-            def fn():
-                out = torch.ops.bv_blend.group_advantages(rewards, offsets, k or 0, hist.ema,
-                                                          hist.var, EPS, SCALE)
-                torch.ops.bv_blend.update_history(out[1], hist.ring, hist.count, hist.ema,
-                                                  hist.var, hist.alpha, MIN_HISTORY)
-                return out[0]
-        elif impl == "eager":
-            hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=device)
-            fn = lambda: hist.step(rewards, k, offsets=offsets, eps=EPS, scale=SCALE)  # noqa: E731
-        elif impl == "compile":
-            step = _compiled(_stateful_step)
-            hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device=device)
-            state = [hist.ring, hist.count, hist.ema, hist.var]
+def reference_step(x: Inputs):
+    hist = reference.HistoryReference(window=WINDOW, min_history=MIN_HISTORY)
+    return lambda: hist.step(x.rewards, x.group_size, offsets=x.offsets, eps=EPS, scale=SCALE)
 
-            def fn():
-                adv, *new_state = step(rewards, offsets, k or 0, *state)
-                state[:] = new_state
-                return adv
-        else:
-            hist = reference.HistoryReference(window=WINDOW, min_history=MIN_HISTORY)
-            fn = lambda: hist.step(rewards, k, offsets=offsets, eps=EPS, scale=SCALE)  # noqa: E731
-    if impl == "op_graph":
-        return _graphed(fn)
-    return fn
+
+# The forward cases, each around an implementation of the advantages.
+
+Builder = Callable[[Inputs], Callable[[], object]]
+
+
+def forward(advantages) -> Builder:
+    def build_forward(x: Inputs):
+        f = advantages(x)
+        return lambda: f(x.rewards)
+    return build_forward
+
+
+def forward_backward(advantages) -> Builder:
+    """d advantages / d rewards for a fixed random cotangent, through the group statistics."""
+    def build_forward_backward(x: Inputs):
+        f = advantages(x)
+        leaf = x.rewards.clone().requires_grad_(True)
+        grad_out = torch.randn(x.rewards.shape,
+                               generator=torch.Generator().manual_seed(1)).to(x.device)
+        return lambda: torch.autograd.grad(f(leaf)[0], leaf, grad_out)
+    return build_forward_backward
+
+
+def on_cuda_graph(builder: Builder) -> Builder:
+    return lambda x: _graphed(builder(x))
 
 
 def _graphed(fn):
@@ -184,37 +253,38 @@ def _graphed(fn):
     return graph.replay
 
 
-def time_callable(fn, device: str, budget_s: float, repeats: int) -> tuple[float, float, float]:
-    """(best, median, interquartile range) of the seconds per call over `repeats` timed blocks of
-    a calibrated number of calls. CUDA blocks are timed with events after a synchronize."""
-    cuda = device == "cuda"
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(budget_s / repeats / once))
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return min(samples), statistics.median(samples), q[2] - q[0]
+# (case, implementation) -> its builder. A pair that is absent is not measured: the raw op and
+# its CUDA graph have no autograd.
+BUILDERS: dict[tuple[str, str], Builder] = {
+    ("forward", "op"): forward(op_advantages),
+    ("forward", "op_raw"): forward(raw_advantages),
+    ("forward", "op_graph"): on_cuda_graph(forward(raw_advantages)),
+    ("forward", "eager"): forward(eager_advantages),
+    ("forward", "compile"): forward(compiled_advantages),
+    ("forward", "loop_ref"): forward(reference_advantages),
+    ("forward+backward", "op"): forward_backward(op_advantages),
+    ("forward+backward", "eager"): forward_backward(eager_advantages),
+    ("forward+backward", "compile"): forward_backward(compiled_advantages),
+    ("forward+backward", "loop_ref"): forward_backward(reference_advantages),
+    ("step", "op"): op_step,
+    ("step", "op_raw"): raw_step,
+    ("step", "op_graph"): on_cuda_graph(raw_step),
+    ("step", "eager"): eager_step,
+    ("step", "compile"): compiled_step,
+    ("step", "loop_ref"): reference_step,
+}
+
+
+def applies(case: str, impl: str, size: Size, device: str, plan: Plan) -> bool:
+    """Whether `impl` runs `case` at `size` on `device`, within the plan's limits."""
+    return ((case, impl) in BUILDERS and (impl != "op_graph" or device == "cuda")
+            and (impl != "loop_ref" or size.groups <= plan.loop_ref_max_groups))
+
+
+def build(case: str, impl: str, size: Size, device: str) -> Callable[[], object]:
+    """The zero-argument call that runs `case` with `impl` on fresh inputs. The first call of a
+    `compile` one compiles it."""
+    return BUILDERS[(case, impl)](make_inputs(size, device))
 
 
 def build_info() -> str:
@@ -244,43 +314,54 @@ def device_dir(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_config(device: str, threads: int | None, sizes, impls, budget_s: float, repeats: int,
-               log=print) -> list[dict]:
-    """Times every (case, size, impl) on one device / thread setting."""
+@dataclass
+class DeviceRun:
+    """One device's measurements, and what its report says besides them."""
+    device: str
+    load_at_start: float  # the 1-minute load average when the device's run started
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the baselines that could not be built
+    clone: dict | None = None  # CUDA: the op against rewards.clone(), see clone_ratio
+
+
+def run_config(device: str, threads: int | None, plan: Plan,
+               log=print) -> tuple[list[dict], list[str]]:
+    """Times every (case, size, impl) of `plan` on one device / thread setting. Returns the rows
+    and a note for each baseline that could not be built."""
     if threads is not None:
         torch.set_num_threads(threads)
-    rows = []
+    rows, notes = [], []
     for case in CASES:
-        for size in sizes:
-            for impl in impls:
+        for size in plan.sizes:
+            for impl in plan.impls:
+                if not applies(case, impl, size, device, plan):
+                    continue
                 t0 = time.perf_counter()
                 try:
                     fn = build(case, impl, size, device)
-                    if fn is None:
-                        continue
                     fn()  # first call: compiles under torch.compile
                 except Exception as err:  # noqa: BLE001
                     if impl not in ("op_graph", "compile"):
                         raise
                     # A baseline that cannot be built here (a failed CUDA-graph capture, no
                     # working compiler) is reported in the notes rather than ending the run.
-                    NOTES.append(f"{impl} {case} {size.label}: {type(err).__name__}: "
+                    notes.append(f"{impl} {case} {size.label}: {type(err).__name__}: "
                                  f"{str(err).splitlines()[0] if str(err) else ''}")
-                    log(f"  {NOTES[-1]}")
+                    log(f"  {notes[-1]}")
                     continue
                 if device == "cuda":
                     torch.cuda.synchronize()
                 first_s = time.perf_counter() - t0
-                best, median, iqr = time_callable(fn, device, budget_s, repeats)
-                rewards, _ = make_inputs(size, "cpu")
+                best, median, iqr = harness.time_callable(fn, device, plan.budget_s, plan.repeats)
                 row = dict(device=device, threads=threads if threads is not None else "",
-                           case=case, size=size.label, rewards=rewards.numel(), impl=impl,
+                           case=case, size=size.label,
+                           rewards=make_inputs(size, "cpu").rewards.numel(), impl=impl,
                            best_us=best * 1e6, median_us=median * 1e6, iqr_us=iqr * 1e6,
                            compile_s=first_s if impl == "compile" else "")
                 rows.append(row)
                 log(f"  {device} threads={row['threads'] or '-'} {case:17s} {size.label:22s} "
                     f"{impl:9s} {best * 1e6:12.1f} us")
-    return rows
+    return rows, notes
 
 
 def clone_ratio(budget_s: float, repeats: int) -> dict:
@@ -289,8 +370,8 @@ def clone_ratio(budget_s: float, repeats: int) -> dict:
     rewards = torch.rand(CLONE_REWARDS, device="cuda")
     h = torch.tensor(HIST_MEAN, dtype=torch.float64, device="cuda")
     u = torch.tensor(HIST_VAR, dtype=torch.float64, device="cuda")
-    t_clone, *_ = time_callable(rewards.clone, "cuda", budget_s, repeats)
-    t_op, *_ = time_callable(
+    t_clone, *_ = harness.time_callable(rewards.clone, "cuda", budget_s, repeats)
+    t_op, *_ = harness.time_callable(
         lambda: torch.ops.bv_blend.group_advantages(rewards, None, 16, h, u, EPS, SCALE),
         "cuda", budget_s, repeats)
     traffic = 2 * rewards.numel() * rewards.element_size()
@@ -315,11 +396,12 @@ def _fmt_ratio(a, b):
     return "" if a is None or b is None else f"{b / a:.1f}x"
 
 
-def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: str,
-             repeats: int) -> str:
-    present = [i for i in IMPLS if i in impls and any(r["impl"] == i for r in rows)]
-    lines = [f"# bv_blend_ext op benchmark: {device_dir(device)}", "",
-             f"torch {torch.__version__}, {cpu_name() if device == 'cpu' else torch.cuda.get_device_name()}, "
+def markdown(run: DeviceRun, repeats: int, command: str) -> str:
+    rows = run.rows
+    present = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    lines = [f"# bv_blend_ext op benchmark: {device_dir(run.device)}", "",
+             f"torch {torch.__version__}, "
+             f"{cpu_name() if run.device == 'cpu' else torch.cuda.get_device_name()}, "
              f"scale={SCALE!r}, rewards float32. Time per call in microseconds: the best of "
              f"{repeats} timed blocks of calls, each block's mean (the least disturbed by other "
              "processes; op.csv also has the median and IQR of the blocks). `vs eager` / "
@@ -327,7 +409,7 @@ def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: 
              f"Command: `{command}`", "",
              f"Build: {build_info()}. "
              "Load average (1 min) at the start and end of this device's run: "
-             f"{LOAD[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.", ""]
+             f"{run.load_at_start:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.", ""]
     table = speedups(rows)
     for threads in dict.fromkeys(r["threads"] for r in rows):
         title = f"{threads} thread(s)" if threads != "" else "CUDA"
@@ -346,10 +428,11 @@ def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: 
             lines += ["", f"torch.compile first-call (compile) time: median "
                       f"{statistics.median(compile_times):.1f} s, max {max(compile_times):.1f} s."]
         lines.append("")
-    lines += targets(device, rows)
-    if NOTES:
-        lines += ["## Notes", ""] + [f"- {note}" for note in NOTES] + [""]
-    if clone is not None:
+    lines += targets(TARGETS[run.device], rows)
+    if run.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in run.notes] + [""]
+    if run.clone is not None:
+        clone = run.clone
         lines += ["## Bandwidth at 2^26 rewards", "",
                   "| rewards | clone us | op us | clone GB/s | op GB/s | clone/op |",
                   "|---:|---:|---:|---:|---:|---:|",
@@ -358,65 +441,47 @@ def markdown(device: str, rows: list[dict], clone: dict | None, impls, command: 
     return "\n".join(lines) + "\n"
 
 
-def targets(device: str, rows: list[dict]) -> list[str]:
-    """The issue's targets, checked on this run's numbers."""
+def targets(target: Target, rows: list[dict]) -> list[str]:
+    """`target` checked on this run's numbers."""
     table = speedups(rows)
     out = ["## Targets", ""]
-    if device == "cpu":
-        keys = [key for key in table if key[0] == 1]
-        need_eager, need_compile, who = 10.0, 1.5, "CPU 1 thread"
-    else:
-        keys = list(table)
-        need_eager, need_compile, who = 10.0, 2.0, "CUDA"
+    keys = [key for key in table if target.threads is None or key[0] == target.threads]
     eager = [(table[key]["eager"] / table[key]["op"], key) for key in keys
              if "eager" in table[key] and "op" in table[key]]
     if eager:
         worst, key = min(eager)
-        out.append(f"- {who}, op >= {need_eager:g}x eager at every size and case: "
-                   f"{'met' if worst >= need_eager else 'MISSED'} (lowest {worst:.1f}x: {key[1]} {key[2]})")
+        out.append(f"- {target.who}, op >= {target.vs_eager:g}x eager at every size and case: "
+                   f"{'met' if worst >= target.vs_eager else 'MISSED'} (lowest {worst:.1f}x: {key[1]} {key[2]})")
     for key in keys:
-        if key[2] == "1024x16" and "compile" in table[key] and "op" in table[key]:
+        if key[2] == target.compile_size and "compile" in table[key] and "op" in table[key]:
             ratio = table[key]["compile"] / table[key]["op"]
-            out.append(f"- {who}, op >= {need_compile:g}x torch.compile at 1024x16, {key[1]}: "
-                       f"{'met' if ratio >= need_compile else 'MISSED'} ({ratio:.1f}x)")
+            out.append(f"- {target.who}, op >= {target.vs_compile:g}x torch.compile at "
+                       f"{target.compile_size}, {key[1]}: "
+                       f"{'met' if ratio >= target.vs_compile else 'MISSED'} ({ratio:.1f}x)")
     return out + [""]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(path: Path, device: str, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     configs = list(dict.fromkeys(r["threads"] for r in rows))
-    fig, axes = plt.subplots(len(configs), len(CASES), figsize=(5 * len(CASES), 3.8 * len(configs)),
-                             squeeze=False)
-    for ci, threads in enumerate(configs):
-        for cj, case in enumerate(CASES):
-            ax = axes[ci][cj]
-            sel = [r for r in rows if r["threads"] == threads and r["case"] == case]
-            sizes = list(dict.fromkeys(r["size"] for r in sel))
-            for impl in IMPLS:
-                pts = [(sizes.index(r["size"]), r["best_us"]) for r in sel if r["impl"] == impl]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=impl, color=f"C{IMPLS.index(impl)}")
-            ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
-            ax.set_yscale("log")
-            ax.set_ylabel("us per call")
-            where = f"{threads} thread(s)" if threads != "" else "CUDA"
-            ax.set_title(f"{case}, {where}", fontsize=9)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"bv_blend_ext op vs pure PyTorch ({device_dir(device)})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with harness.figure(path, len(configs), len(CASES),
+                        figsize=(5 * len(CASES), 3.8 * len(configs)), squeeze=False) as (fig, axes):
+        for ci, threads in enumerate(configs):
+            for cj, case in enumerate(CASES):
+                ax = axes[ci][cj]
+                sel = [r for r in rows if r["threads"] == threads and r["case"] == case]
+                sizes = list(dict.fromkeys(r["size"] for r in sel))
+                for impl in IMPLS:
+                    pts = [(sizes.index(r["size"]), r["best_us"]) for r in sel if r["impl"] == impl]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=impl, color=f"C{IMPLS.index(impl)}")
+                ax.set_xticks(range(len(sizes)), sizes, rotation=20, fontsize=7)
+                ax.set_yscale("log")
+                ax.set_ylabel("us per call")
+                where = f"{threads} thread(s)" if threads != "" else "CUDA"
+                ax.set_title(f"{case}, {where}", fontsize=9)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"bv_blend_ext op vs pure PyTorch ({device_dir(device)})", fontsize=10)
 
 
 def parse_threads(spec: str) -> list[int]:
@@ -424,8 +489,16 @@ def parse_threads(spec: str) -> list[int]:
     return list(dict.fromkeys(all_threads if t == "all" else int(t) for t in spec.split(",")))
 
 
+def plan_from(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else FULL
+    loop_ref_max_groups = args.loop_ref_max_groups
+    if args.quick:  # the quick run keeps the Python loop at its small sizes, whatever the flag
+        loop_ref_max_groups = min(loop_ref_max_groups, QUICK.loop_ref_max_groups)
+    return replace(plan, impls=tuple(i for i in plan.impls if not (args.no_compile and i == "compile")),
+                   loop_ref_max_groups=loop_ref_max_groups)
+
+
 def main(argv=None) -> int:
-    global LOOP_REF_MAX_GROUPS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small sizes, short timing, no torch.compile (smoke test)")
@@ -433,19 +506,14 @@ def main(argv=None) -> int:
                    help="all = CPU, plus CUDA when available")
     p.add_argument("--threads", default="1,all", help="CPU thread counts, e.g. 1,all")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--loop-ref-max-groups", type=int, default=LOOP_REF_MAX_GROUPS,
+    p.add_argument("--loop-ref-max-groups", type=int, default=FULL.loop_ref_max_groups,
                    help="time the Python-loop reference only up to this many groups")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="results root: files go to <out-dir>/<device-name>/ (default "
                         "benchmarks/results, benchmarks/results/quick with --quick)")
     args = p.parse_args(argv)
-    if args.out_dir is None:
-        args.out_dir = RESULTS / "quick" if args.quick else RESULTS
-    LOOP_REF_MAX_GROUPS = min(args.loop_ref_max_groups, 64) if args.quick else args.loop_ref_max_groups
-
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    budget_s, repeats = (0.01, 3) if args.quick else (0.25, REPEATS)
-    impls = [i for i in IMPLS if not (i == "compile" and (args.quick or args.no_compile))]
+    out_dir = args.out_dir or (harness.QUICK_RESULTS if args.quick else harness.RESULTS)
+    plan = plan_from(args)
 
     devices = []
     if args.device in ("cpu", "all"):
@@ -457,20 +525,18 @@ def main(argv=None) -> int:
 
     for device in devices:
         print(f"{device_dir(device)}:")
-        LOAD[0] = os.getloadavg()[0]
-        rows = []
-        if device == "cpu":
-            for threads in parse_threads(args.threads):
-                rows += run_config("cpu", threads, sizes, impls, budget_s, repeats)
-        else:
-            rows += run_config("cuda", None, sizes, impls, budget_s, repeats)
-        clone = clone_ratio(budget_s, repeats) if device == "cuda" and not args.quick else None
-        out = args.out_dir / device_dir(device)
+        run = DeviceRun(device, load_at_start=os.getloadavg()[0])
+        for threads in parse_threads(args.threads) if device == "cpu" else [None]:
+            rows, notes = run_config(device, threads, plan)
+            run.rows += rows
+            run.notes += notes
+        if device == "cuda" and not args.quick:
+            run.clone = clone_ratio(plan.budget_s, plan.repeats)
+        out = out_dir / device_dir(device)
         out.mkdir(parents=True, exist_ok=True)
-        write_csv(out / "op.csv", rows)
-        command = " ".join(["python benchmarks/bench_op.py", *(sys.argv[1:] if argv is None else argv)])
-        (out / "op.md").write_text(markdown(device, rows, clone, impls, command, repeats))
-        plot(out / "op.png", device, rows)
+        harness.write_csv(out / "op.csv", run.rows)
+        (out / "op.md").write_text(markdown(run, plan.repeats, harness.command_line(__file__, argv)))
+        plot(out / "op.png", device, run.rows)
         print((out / "op.md").read_text())
         print(f"wrote {out}/op.md, op.csv, op.png")
     return 0

@@ -10,7 +10,7 @@ the eager pure-PyTorch baseline and its torch.compile version side by side.
 import pytest
 import torch
 
-import bench_op
+from benchmarks import bench_op
 
 DEVICES = [("cpu", 1), ("cpu", torch.get_num_threads())]
 if torch.cuda.is_available():

@@ -3,20 +3,12 @@ vectorised pure-PyTorch baseline against the reference, and the simulation's exa
 
 import csv
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import bench_estimators, bench_op, estimator_sim, pytorch_baseline
 from bv_blend_ext import reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import bench_estimators  # noqa: E402
-import bench_op  # noqa: E402
-import estimator_sim  # noqa: E402
-import pytorch_baseline  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -88,17 +80,32 @@ def test_bench_op_quick(tmp_path):
 
 def test_bench_op_reports_a_baseline_that_cannot_be_built(monkeypatch):
     """A failing torch.compile (or CUDA-graph capture) becomes a note; the op is still timed."""
-    def broken(fn):
+    def broken(fn, **options):
         def call(*args, **kwargs):
             raise RuntimeError("no compiler")
         return call
-    monkeypatch.setattr(bench_op, "_compiled", broken)
-    monkeypatch.setattr(bench_op, "NOTES", [])
-    rows = bench_op.run_config("cpu", 1, bench_op.QUICK_SIZES[:1], ["op", "compile"], 0.002, 2,
-                               log=lambda *_: None)
+    monkeypatch.setattr(torch, "compile", broken)
+    plan = bench_op.Plan(bench_op.QUICK_SIZES[:1], ("op", "compile"), budget_s=0.002, repeats=2,
+                         loop_ref_max_groups=0)
+    rows, notes = bench_op.run_config("cpu", 1, plan, log=lambda *_: None)
     assert [r["impl"] for r in rows] == ["op"] * len(bench_op.CASES)
-    assert len(bench_op.NOTES) == len(bench_op.CASES)
-    assert all("RuntimeError: no compiler" in note for note in bench_op.NOTES)
+    assert len(notes) == len(bench_op.CASES)
+    assert all("RuntimeError: no compiler" in note for note in notes)
+
+
+def test_bench_op_targets_judge_the_declared_rows():
+    """The CPU targets judge the 1-thread rows only: eager everywhere, compile at 1024x16."""
+    def row(threads, size, impl, best_us):
+        return dict(threads=threads, case="forward", size=size, impl=impl, best_us=best_us)
+    rows = [row(1, "64x8", "op", 1.0), row(1, "64x8", "eager", 12.0),
+            row(1, "1024x16", "op", 10.0), row(1, "1024x16", "eager", 110.0),
+            row(1, "1024x16", "compile", 14.0),
+            row(2, "1024x16", "op", 10.0), row(2, "1024x16", "eager", 20.0)]
+    lines = bench_op.targets(bench_op.TARGETS["cpu"], rows)
+    assert lines[2] == ("- CPU 1 thread, op >= 10x eager at every size and case: met "
+                        "(lowest 11.0x: forward 1024x16)")
+    assert lines[3] == "- CPU 1 thread, op >= 1.5x torch.compile at 1024x16, forward: MISSED (1.4x)"
+    assert len(lines) == 5
 
 
 def test_sim_exact_gradient_matches_finite_differences():
