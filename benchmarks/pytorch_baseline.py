@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bv_blend_ext.reference import SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms
+from bv_blend_ext.reference import (SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms,
+                                    default_ema_decay)
 
 
 def _segments(valid_r: torch.Tensor, num_groups: int, group_size: int | None,
@@ -39,8 +40,8 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      eps: float = 1e-4, scale: str = "blend") -> BlendOutput:
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc)
-    valid = ~torch.isnan(r)
-    # NaN rewards are replaced before any arithmetic so that no NaN reaches autograd.
+    valid = torch.isfinite(r)
+    # Unscorable rewards are replaced before any arithmetic so that no NaN reaches autograd.
     r0 = torch.where(valid, r, 0.0)
     w = valid.to(acc)
     num_groups = offsets.numel() - 1 if offsets is not None else r.numel() // group_size
@@ -75,10 +76,10 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
 def push_history(group_mean: torch.Tensor, ring: torch.Tensor, count: torch.Tensor,
                  ema: torch.Tensor, alpha: float, min_history: int):
     """The history update of ``reference.HistoryReference.push`` without a loop: returns the new
-    (ring, count, ema, var). Every non-NaN group mean enters the ring and the EMA in order."""
+    (ring, count, ema, var). Every finite group mean enters the ring and the EMA in order."""
     window = ring.numel()
     mu = group_mean.detach().to(torch.float64)
-    valid = ~torch.isnan(mu)
+    valid = torch.isfinite(mu)
     m = valid.sum()
     rank = torch.cumsum(valid, 0) - 1
     # Only the last `window` valid means survive in the ring; the rest go to a discarded slot.
@@ -104,7 +105,7 @@ class History:
 
     def __init__(self, window: int = 100, ema_decay: float | None = None,
                  initial_baseline: float = 0.0, min_history: int = 2, device="cpu"):
-        self.alpha = 2.0 / (window + 1) if ema_decay is None else ema_decay
+        self.alpha = default_ema_decay(window) if ema_decay is None else ema_decay
         self.min_history = min_history
         self.ring = torch.zeros(window, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)

@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from bv_blend_ext.reference import accumulation_dtype
+
 # Advantages are rounded to the rewards' dtype at the very end, so two correct implementations
 # (op and reference, CPU and CUDA) can differ by one unit in the last place of that dtype; the
 # statistics stay in float32 (float64 for float64 rewards).
@@ -40,7 +42,7 @@ def assert_blend_close(got, want, dtype, advantage_atol=None):
     STAT_TOL, NaN statistics where the other has them. `advantage_atol` loosens the advantages'
     absolute tolerance for continuous rewards, where nearly equal pairs give tiny σ and rounding
     of r - B is divided by ~σ + eps."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     assert got.advantages.dtype == dtype
     assert [t.dtype for t in got[1:4]] == [acc, acc, acc]
     tol = dict(ADVANTAGE_TOL[dtype])

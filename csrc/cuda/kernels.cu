@@ -96,6 +96,26 @@ __device__ __forceinline__ acc_t read_batch_std(const BatchSums<acc_t>& batch) {
   return batch_std<acc_t>(*batch.count, *batch.sq_dev);
 }
 
+// The group this thread's team owns and the thread's lane in it. Threads past the last group get
+// an empty range, so that they still take part in their team's shuffles.
+template <int TEAM>
+struct TeamGroup {
+  int64_t group;
+  int lane;
+  int64_t start = 0;
+  int64_t end = 0;
+
+  __device__ __forceinline__ explicit TeamGroup(const GroupArgs& args)
+      : group((static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM),
+        lane(threadIdx.x % TEAM) {
+    if (exists(args)) group_bounds(args.offsets, args.group_size, group, start, end);
+  }
+
+  __device__ __forceinline__ bool exists(const GroupArgs& args) const {
+    return group < args.num_groups;
+  }
+};
+
 template <typename scalar_t, int TEAM>
 __global__ void __launch_bounds__(kThreads)
     group_forward_kernel(GroupArgs args, const scalar_t* __restrict__ rewards,
@@ -103,14 +123,10 @@ __global__ void __launch_bounds__(kThreads)
                          scalar_t* __restrict__ advantages, accumulate_t<scalar_t>* group_mean,
                          accumulate_t<scalar_t>* group_std, accumulate_t<scalar_t>* beta) {
   using acc_t = accumulate_t<scalar_t>;
-  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM;
-  const int lane = threadIdx.x % TEAM;
-  int64_t start = 0, end = 0;
-  if (group < args.num_groups) {
-    group_bounds(args.offsets, args.group_size, group, start, end);
-  }
+  const TeamGroup<TEAM> team(args);
+  const auto [group, lane, start, end] = team;
   const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
-  if (group >= args.num_groups) return;
+  if (!team.exists(args)) return;
   zero_uncovered<scalar_t, TEAM>(args, group, start, end, lane, advantages);
 
   if (m.count == 0) {
@@ -145,12 +161,8 @@ __global__ void __launch_bounds__(kThreads)
                           BatchSums<accumulate_t<scalar_t>> batch,
                           scalar_t* __restrict__ grad_rewards) {
   using acc_t = accumulate_t<scalar_t>;
-  const int64_t group = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / TEAM;
-  const int lane = threadIdx.x % TEAM;
-  int64_t start = 0, end = 0;
-  if (group < args.num_groups) {
-    group_bounds(args.offsets, args.group_size, group, start, end);
-  }
+  const TeamGroup<TEAM> team(args);
+  const auto [group, lane, start, end] = team;
   const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
   acc_t sum_grad = 0, sum_grad_centered = 0;
   for (int64_t i = start + lane; i < end; i += TEAM) {
@@ -162,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   sum_grad = team_sum<TEAM>(sum_grad);
   sum_grad_centered = team_sum<TEAM>(sum_grad_centered);
-  if (group >= args.num_groups) return;
+  if (!team.exists(args)) return;
   zero_uncovered<scalar_t, TEAM>(args, group, start, end, lane, grad_rewards);
 
   if (m.count == 0) {

@@ -11,17 +11,12 @@ from benchmarks import bench_estimators, bench_op, estimator_sim, pytorch_baseli
 from bv_blend_ext import reference
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def _rewards(dtype):
     g = torch.Generator().manual_seed(0)
     r = (torch.randint(0, 3, (96,), generator=g) / 2).to(dtype)
     r[::7] = float("nan")
+    r[3], r[50] = float("inf"), float("-inf")  # unscorable, like NaN
     r[16:24] = float("nan")  # a group with no valid reward
     return r
 
