@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from bv_blend_ext.reference import (SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms,
-                                    default_ema_decay)
+from bv_blend_ext import reference
+from bv_blend_ext.reference import SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms
 
 
 def _segments(valid_r: torch.Tensor, num_groups: int, group_size: int | None,
@@ -105,7 +105,9 @@ class History:
 
     def __init__(self, window: int = 100, ema_decay: float | None = None,
                  initial_baseline: float = 0.0, min_history: int = 2, device="cpu"):
-        self.alpha = default_ema_decay(window) if ema_decay is None else ema_decay
+        # Looked up at call time: ab_builds.py imports this module next to older builds of
+        # bv_blend_ext, whose reference may predate the function.
+        self.alpha = reference.default_ema_decay(window) if ema_decay is None else ema_decay
         self.min_history = min_history
         self.ring = torch.zeros(window, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)

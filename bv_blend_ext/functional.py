@@ -64,21 +64,18 @@ def _history_message(name: str, value: float) -> str:
 
 def check_values(num_rewards: int, offsets: torch.Tensor | None,
                  history: dict[str, torch.Tensor]) -> None:
-    """The checks that read device memory: offsets start at 0, end at N and never decrease; the
-    history statistics given as tensors are finite (σ_u² >= 0). Everything is read in a single
-    device-to-host transfer (one synchronisation on a GPU). Call after the op has checked the
-    tensors' dtype, shape and device."""
+    """The checks that read values in the tensors' memory: offsets start at 0, end at N and never
+    decrease; the history statistics given as tensors are finite (σ_u² >= 0). Call after the op
+    has checked the tensors' dtype, shape and device."""
     probes = []
     if offsets is not None:
         probes += [offsets[0], offsets[-1], (offsets[1:] < offsets[:-1]).any()]
-    for name, value in history.items():
-        ok = value.isfinite() & (value >= 0) if name == "hist_var" else value.isfinite()
-        probes.append(ok)
+    probes += history.values()
     if not probes:
         return
-    values = torch.stack([p.to(torch.int64) for p in probes]).tolist()
+    values = read_scalars(probes)
     if offsets is not None:
-        first, last, decreasing = values[:3]
+        first, last, decreasing = (int(v) for v in values[:3])
         values = values[3:]
         if first != 0:
             raise ValueError(f"offsets must start at 0, got offsets[0] = {first}")
@@ -87,9 +84,22 @@ def check_values(num_rewards: int, offsets: torch.Tensor | None,
                              f"got offsets[-1] = {last}")
         if decreasing:
             raise ValueError("offsets must be non-decreasing")
-    for (name, value), ok in zip(history.items(), values):
-        if not ok:
-            raise ValueError(_history_message(name, float(value)))
+    for name, value in zip(history, values):
+        if not _history_value_ok(name, value):
+            raise ValueError(_history_message(name, value))
+
+
+def read_scalars(scalars: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim tensors on one device, as floats. Off the CPU they are gathered into
+    one tensor and copied in a single device-to-host transfer: one synchronisation, not one per
+    value. (Float64 holds every offset below 2**53 exactly, and a larger one cannot equal N.)"""
+    if on_host(scalars[0]):
+        return [s.item() for s in scalars]
+    return torch.stack([s.to(torch.float64) for s in scalars]).tolist()
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu"
 
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
@@ -111,8 +121,11 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
     out = BlendOutput(*torch.ops.bv_blend.group_advantages(
         rewards, offsets, group_size or 0, h, u, float(eps), scale))
     if validate and not compiling:
-        given_as_tensors = {name: value for name, value, given in
-                            (("hist_mean", h, hist_mean), ("hist_var", u, hist_var))
-                            if isinstance(given, torch.Tensor)}
-        check_values(rewards.shape[0], offsets, given_as_tensors)
+        history = {}
+        if isinstance(hist_mean, torch.Tensor):
+            history["hist_mean"] = h
+        if isinstance(hist_var, torch.Tensor):
+            history["hist_var"] = u
+        if history or offsets is not None:
+            check_values(rewards.shape[0], offsets, history)
     return out

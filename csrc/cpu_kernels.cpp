@@ -42,9 +42,11 @@ struct Lanes {
   using vec = std::conditional_t<std::is_same_v<acc_t, double>, double_lanes, float_lanes>;
   static constexpr int size = 16 / sizeof(acc_t);
 
-  // Loads `count` <= size rewards; missing lanes read as NaN, which every reduction skips.
+  // Loads `count` <= size values; missing lanes read as `pad`: NaN by default, which every masked
+  // reduction skips, or a value that makes an unmasked one add nothing.
   template <typename scalar_t>
-  static vec load(const scalar_t* p, int64_t count = size) {
+  static vec load(const scalar_t* p, int64_t count = size,
+                  acc_t pad = std::numeric_limits<acc_t>::quiet_NaN()) {
     vec v;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (count == size) {
@@ -53,7 +55,7 @@ struct Lanes {
       }
     }
     for (int l = 0; l < size; ++l) {
-      v[l] = l < count ? static_cast<acc_t>(p[l]) : std::numeric_limits<acc_t>::quiet_NaN();
+      v[l] = l < count ? static_cast<acc_t>(p[l]) : pad;
     }
     return v;
   }
@@ -71,6 +73,17 @@ struct Lanes {
 
   // All-ones lanes where v is finite: x - x is NaN exactly for NaN and ±inf (see is_finite).
   static auto finite(vec v) { return v - v == vec{}; }
+
+  // `value` where v is finite and 0 elsewhere; with Masked = false (every v known to be finite,
+  // padding lanes loaded with a harmless value) simply `value`.
+  template <bool Masked>
+  static vec where_valid(vec v, vec value) {
+    if constexpr (Masked) {
+      return finite(v) ? value : vec{};
+    } else {
+      return value;
+    }
+  }
 
   static acc_t combine(vec v) {
     for (int width = size / 2; width > 0; width /= 2) {
@@ -95,8 +108,21 @@ struct GroupMoments {
   acc_t sq_dev = 0;
 };
 
-// Moments of a group's valid (finite) rewards. K > 0 is the group size known at compile time, which lets the compiler unroll small groups completely;
-// K = 0 reads it from n.
+// Calls body(std::true_type) when some rewards of a group must be masked out as non-finite,
+// body(std::false_type) when all of them are valid.
+template <typename Body>
+void with_finiteness_mask(bool all_valid, const Body& body) {
+  if (all_valid) {
+    body(std::false_type{});
+  } else {
+    body(std::true_type{});
+  }
+}
+
+// Moments of a group's valid (finite) rewards. K > 0 is the group size known at compile time,
+// which lets the compiler unroll small groups completely; K = 0 reads it from n. Once the first
+// pass has found every reward valid (the common case), the later passes of this and the other
+// per-group loops skip the finiteness mask.
 template <int K, typename scalar_t, typename acc_t>
 GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
   using L = Lanes<acc_t>;
@@ -118,20 +144,22 @@ GroupMoments<acc_t> group_moments(const scalar_t* p, int64_t n_runtime) {
   }
   if (m.count == 0) return m;
   m.mean = total / acc_t(m.count);
-  for (int64_t c = 0; c < n; c += kChunk) {
-    vec sq = zero;
-    L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
-      const vec v = L::load(p + c + i, count);
-      const vec d = v - m.mean;
-      sq += L::finite(v) ? d * d : zero;
-    });
-    m.sq_dev += L::combine(sq);
-  }
+  with_finiteness_mask(m.count == n, [&](auto masked) {
+    for (int64_t c = 0; c < n; c += kChunk) {
+      vec sq = zero;
+      L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
+        const vec v = L::load(p + c + i, count, m.mean);
+        const vec d = v - m.mean;
+        sq += L::template where_valid<decltype(masked)::value>(v, d * d);
+      });
+      m.sq_dev += L::combine(sq);
+    }
+  });
   return m;
 }
 
 // Σ g_i and Σ g_i (r_i - mean) over the valid rewards of a group, for the backward pass.
-template <int K, typename scalar_t, typename acc_t>
+template <bool Masked, int K, typename scalar_t, typename acc_t>
 std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, int64_t n_runtime,
                                      acc_t mean) {
   using L = Lanes<acc_t>;
@@ -142,11 +170,10 @@ std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, in
   for (int64_t c = 0; c < n; c += kChunk) {
     vec sum = zero, centered = zero;
     L::for_each(std::min(kChunk, n - c), [&](int64_t i, int64_t count) {
-      const vec v = L::load(p + c + i, count);
-      const auto finite = L::finite(v);
-      const vec g = finite ? L::load(grad + c + i, count) : zero;
+      const vec v = L::load(p + c + i, count, mean);
+      const vec g = L::template where_valid<Masked>(v, L::load(grad + c + i, count, acc_t(0)));
       sum += g;
-      centered += finite ? g * (v - mean) : zero;
+      centered += L::template where_valid<Masked>(v, g * (v - mean));
     });
     sum_grad += L::combine(sum);
     sum_centered += L::combine(centered);
@@ -303,10 +330,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
       mean_out[g] = b.mean;
       std_out[g] = std::sqrt(b.var);
       beta_out[g] = b.beta;
-      L::for_each(n, [&](int64_t i, int64_t count) {
-        const typename L::vec v = L::load(r + start + i, count);
-        L::store(adv + start + i,
-                 L::finite(v) ? (v - b.baseline) * b.inv_scale : typename L::vec{}, count);
+      with_finiteness_mask(m.count == n, [&](auto masked) {
+        L::for_each(n, [&](int64_t i, int64_t count) {
+          const typename L::vec v = L::load(r + start + i, count);
+          L::store(adv + start + i,
+                   L::template where_valid<decltype(masked)::value>(
+                       v, (v - b.baseline) * b.inv_scale),
+                   count);
+        });
       });
     });
   });
@@ -349,19 +380,22 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
         std::fill(out + start, out + start + n, scalar_t(0));
         return;
       }
-      const auto [sum_grad, sum_grad_centered] =
-          grad_moments<K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
-      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
-                                        acc_t(eps), in.mode, acc_t(batch_scale));
-      const auto c = group_gradient<acc_t>(b, history.mean, history.var, in.mode, sum_grad,
-                                           sum_grad_centered);
-      const acc_t group_batch_coef = b.usable ? acc_t(batch_coef) : acc_t(0);
-      L::for_each(n, [&](int64_t i, int64_t count) {
-        const typename L::vec v = L::load(r + start + i, count);
-        const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
-                                       c.deviation * (v - m.mean) +
-                                       group_batch_coef * (v - acc_t(batch_mean));
-        L::store(out + start + i, L::finite(v) ? grad_i : typename L::vec{}, count);
+      with_finiteness_mask(m.count == n, [&](auto masked) {
+        constexpr bool kMasked = decltype(masked)::value;
+        const auto [sum_grad, sum_grad_centered] =
+            grad_moments<kMasked, K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
+        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
+                                          acc_t(eps), in.mode, acc_t(batch_scale));
+        const auto c = group_gradient<acc_t>(b, history.mean, history.var, in.mode, sum_grad,
+                                             sum_grad_centered);
+        const acc_t group_batch_coef = b.usable ? acc_t(batch_coef) : acc_t(0);
+        L::for_each(n, [&](int64_t i, int64_t count) {
+          const typename L::vec v = L::load(r + start + i, count);
+          const typename L::vec grad_i = c.self * L::load(gr + start + i, count) + c.shift +
+                                         c.deviation * (v - m.mean) +
+                                         group_batch_coef * (v - acc_t(batch_mean));
+          L::store(out + start + i, L::template where_valid<kMasked>(v, grad_i), count);
+        });
       });
     });
   });

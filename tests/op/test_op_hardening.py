@@ -399,7 +399,10 @@ class HostReads(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("history", ("floats", "tensors"))
-def test_validation_reads_the_device_once(history):
+def test_validation_reads_device_memory_in_one_transfer(history, monkeypatch):
+    # CPU tensors are read in place; pretend they live on a device to check the path a GPU
+    # takes (test_op_cuda.py counts the real synchronisations).
+    monkeypatch.setattr(bv_blend_ext.functional, "on_host", lambda tensor: False)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 1.0])
     offsets = torch.tensor([0, 2, 6])
     stats = dict(hist_mean=0.3, hist_var=0.1)
@@ -411,6 +414,10 @@ def test_validation_reads_the_device_once(history):
     with HostReads() as reads:
         bv_blend_ext.BVBlend()(rewards, offsets=offsets)
     assert reads.count == 1
+    for bad, message in (([0, 4, 3, 6], "non-decreasing"), ([1, 2, 6], "start at 0")):
+        with raises_naming("offsets", ValueError) as error:
+            bv_blend_ext.blend_advantages(rewards, offsets=torch.tensor(bad), **stats)
+        assert message in str(error.value)
 
 
 def test_fixed_groups_and_float_history_read_nothing():
