@@ -1,4 +1,4 @@
-"""Estimator evidence: BV-Blend against GRPO, RLOO, Dr.GRPO and batch scaling (issue 5, part B).
+"""Estimator evidence: BV-Blend against GRPO, RLOO, Dr.GRPO and batch scaling.
 
     python benchmarks/bench_estimators.py sim        # exact-gradient simulation (~15 min, 1 core)
     python benchmarks/bench_estimators.py trainer    # the real trainer + tiny model (~20 min)

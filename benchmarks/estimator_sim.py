@@ -1,4 +1,4 @@
-"""Exact-gradient simulation of the advantage estimators (issue 5, part B1).
+"""Exact-gradient simulation of the advantage estimators.
 
 A task is P prompts, each a categorical policy over C candidate answers; answer a of prompt p
 succeeds with probability q[p, a] (a Bernoulli reward). The policy is log-linear with weights
