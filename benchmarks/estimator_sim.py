@@ -13,7 +13,8 @@ Everything the estimators are judged against is exact:
     grad J   = mean_p sum_a pi[p, a] (q[p, a] - V[p]) phi[p, a]      (V[p] = sum_a pi q)
 A minibatch draws B prompts without replacement and k answers per prompt, and estimates
     g = 1/(B k) sum_i A_i (phi[p_i, a_i] - sum_b pi[p_i, b] phi[p_i, b])
-with the advantages A from each estimator (all but rloo through bv_blend_ext).
+with the advantages A from each estimator: the trainer's own (bv_blend.advantages), so that the
+simulation judges exactly what training uses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-import bv_blend_ext
+from bv_blend.advantages import AdvantageEstimator
 
 ESTIMATORS = ("grpo", "rloo", "dr_grpo", "batch", "bv_blend_group", "bv_blend")
 
@@ -89,20 +90,15 @@ class Estimator:
         if name not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {name!r}")
         self.name, self.k = name, cfg.group_size
-        self.module = None
         if name.startswith("bv_blend"):
-            self.module = bv_blend_ext.BVBlend(window=cfg.window,
-                                               scale="group" if name == "bv_blend_group" else "blend")
+            self.estimator = AdvantageEstimator(
+                "bv_blend", window=cfg.window,
+                bv_scale="group" if name == "bv_blend_group" else "blend")
+        else:
+            self.estimator = AdvantageEstimator(name)
 
     def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
-        k = self.k
-        if self.module is not None:
-            return self.module(rewards, k)
-        if self.name == "rloo":
-            r = rewards.view(-1, k)
-            return (r - (r.sum(1, keepdim=True) - r) / (k - 1)).reshape(-1)
-        scale = {"grpo": "group", "dr_grpo": "none", "batch": "batch"}[self.name]
-        return bv_blend_ext.blend_advantages(rewards, k, scale=scale).advantages
+        return self.estimator(rewards, self.k).advantages
 
 
 def sample_gradient(task: Task, cfg: SimConfig, w: torch.Tensor, estimator: Estimator,
