@@ -189,9 +189,10 @@ __global__ void __launch_bounds__(kThreads)
                                     args.mode, batch_mode ? std_of_batch + eps : acc_t(1));
   const auto c = group_gradient<acc_t>(b, history.mean, history.var, args.mode, sum_grad,
                                        sum_grad_centered);
-  const acc_t coef = batch_mode && b.usable
-                         ? batch_scale_coefficient(*batch.grad_dot_adv, *batch.count, std_of_batch, eps)
-                         : acc_t(0);
+  const acc_t coef =
+      batch_mode && b.usable
+          ? batch_scale_coefficient(*batch.grad_dot_adv, *batch.count, std_of_batch, eps)
+          : acc_t(0);
   const acc_t center = batch_mode ? *batch.mean : acc_t(0);
   for (int64_t i = start + lane; i < end; i += TEAM) {
     const acc_t v = load(rewards + i);
