@@ -28,10 +28,6 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
-    def select(self, rows: slice) -> "Rollout":
-        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                       self.completion_mask[rows], self.completions[rows])
-
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
     """1 for every token up to and including the first EOS of each row, 0 after it."""
