@@ -104,8 +104,8 @@ def summary(rows: list[dict], wall_time: float) -> str:
         f"{_window_mean(tail, 'reward_mean'):.3f} (last {span}); best step "
         f"{max(r['reward_mean'] for r in rows if not math.isnan(r['reward_mean'])):.3f}"
         if any(not math.isnan(r["reward_mean"]) for r in rows) else "reward_mean: no scored step",
-        f"beta_mean {_window_mean(tail, 'beta_mean'):.3f}, frac_reward_zero_std "
-        f"{_window_mean(tail, 'frac_reward_zero_std'):.2f} (last {span})",
+        f"history_weight_mean {_window_mean(tail, 'history_weight_mean'):.3f}, "
+        f"frac_reward_zero_std {_window_mean(tail, 'frac_reward_zero_std'):.2f} (last {span})",
     ]
     step_time = _window_mean(rows, "step_time")
     parts = ", ".join(f"{key.removeprefix('step_time_')} {_window_mean(rows, key):.3f}s "
@@ -115,7 +115,8 @@ def summary(rows: list[dict], wall_time: float) -> str:
 
 
 def write_report(rows: list[dict], path: str) -> None:
-    """report.png: reward mean with a +-std band, and the mean BV-Blend weight beta, per step."""
+    """report.png: reward mean with a +-std band; the mean history weight of BV-Blend and the
+    fraction of zero-std groups, per step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -130,7 +131,8 @@ def write_report(rows: list[dict], path: str) -> None:
                      [m + s for m, s in zip(mean, std)], alpha=0.25, label="± std")
     top.set_ylabel("reward")
     top.legend(loc="lower right")
-    bottom.plot(steps, [r["beta_mean"] for r in rows], color="tab:orange", label="β mean")
+    bottom.plot(steps, [r["history_weight_mean"] for r in rows], color="tab:orange",
+                label="history weight (mean over groups)")
     bottom.plot(steps, [r["frac_reward_zero_std"] for r in rows], color="tab:gray", alpha=0.6,
                 label="groups with zero reward std")
     bottom.set_ylim(-0.05, 1.05)

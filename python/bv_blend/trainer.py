@@ -26,7 +26,7 @@ from bv_blend.advantages import AdvantageEstimator
 from bv_blend.config import GRPOConfig
 from bv_blend.loss import grpo_loss
 from bv_blend.metrics import MetricsLog, summary, write_report
-from bv_blend.rewards import RewardFunctionError, RewardModel, get_reward_func
+from bv_blend.rewards import RewardFunctionError, WeightedRewards, get_reward_func
 from bv_blend.sampling import sample_completions, token_logprobs
 from bv_blend.tasks import get_task, load_jsonl, prompt_source
 from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer
@@ -57,7 +57,7 @@ class GRPOTrainer:
                             if config.reward_funcs else list(self.task.reward_funcs))
         elif callable(reward_funcs):
             reward_funcs = [reward_funcs]
-        self.rewards = RewardModel(reward_funcs, config.reward_weights)
+        self.rewards = WeightedRewards(reward_funcs, config.reward_weights)
         if train_dataset is None and config.dataset_path:
             train_dataset = load_jsonl(config.dataset_path)
         self.data = prompt_source(self.task, config.seed, train_dataset)
@@ -157,12 +157,12 @@ class GRPOTrainer:
 
     def step(self) -> dict:
         """One training step; returns its metrics row."""
-        config, ctx = self.config, self.dist
+        config = self.config
         group = config.num_generations
         per_rank = config.batch_size // group
         start = time.perf_counter()
 
-        first = self.data_position + ctx.rank * per_rank
+        first = self.data_position + self.dist.rank * per_rank
         examples = [self.data[first + i] for i in range(per_rank)]
         prompts = [e["prompt"] for e in examples]
         rollout = sample_completions(
@@ -179,24 +179,25 @@ class GRPOTrainer:
         except RewardFunctionError as err:
             error = err
         # Every process must leave together, or the others would wait forever in all_gather.
-        if distributed.any_rank(ctx, error is not None):
+        if distributed.any_rank(self.dist, error is not None):
             raise error or RewardFunctionError("a reward function failed in another process")
-        rewards = distributed.all_gather(ctx, rewards.to(self.device))
-        per_func = distributed.all_gather(ctx, per_func.to(self.device))
+        rewards = distributed.all_gather(self.dist, rewards.to(self.device))
+        per_func = distributed.all_gather(self.dist, per_func.to(self.device))
         t_rewarded = time.perf_counter()
 
         adv = self.estimator(rewards, group)
         self._sync()
         t_advantaged = time.perf_counter()
         self.last_advantages = adv.advantages
-        local = adv.advantages[ctx.rank * config.batch_size:(ctx.rank + 1) * config.batch_size]
+        rank = self.dist.rank
+        local = adv.advantages[rank * config.batch_size:(rank + 1) * config.batch_size]
         update = self._optimize(rollout, local)
         self._sync()
         t_end = time.perf_counter()
 
         self.step_count += 1
-        self.data_position += per_rank * ctx.world_size
-        lengths = distributed.all_gather(ctx, rollout.completion_mask.sum(1).float())
+        self.data_position += per_rank * self.dist.world_size
+        lengths = distributed.all_gather(self.dist, rollout.completion_mask.sum(1).float())
         std = adv.group_std
         row = {
             "step": self.step_count,
@@ -205,7 +206,7 @@ class GRPOTrainer:
             "reward_group_std_mean": _nanmean(std),
             "frac_reward_zero_std": float(((std == 0) | std.isnan()).float().mean()),
             "frac_reward_unscored": float(rewards.isnan().float().mean()),
-            "beta_mean": _nanmean(adv.beta),
+            "history_weight_mean": _nanmean(adv.beta),
             "history_mean": adv.history_mean,
             "history_var": adv.history_var,
             "advantage_abs_max": float(adv.advantages.abs().max()),
@@ -223,7 +224,7 @@ class GRPOTrainer:
         return row
 
     def _optimize(self, rollout, advantages: torch.Tensor) -> dict:
-        config, ctx = self.config, self.dist
+        config = self.config
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
         mask = rollout.completion_mask
         num_tokens = mask.shape[1]
@@ -244,7 +245,8 @@ class GRPOTrainer:
                    if self.ref_model is not None else None)
         # dapo divides by the tokens of the whole step; DDP then averages over the processes,
         # so each process divides by the global count over the number of processes.
-        items = float(distributed.all_reduce_sum(ctx, mask.sum().float())) / ctx.world_size
+        items = (float(distributed.all_reduce_sum(self.dist, mask.sum().float()))
+                 / self.dist.world_size)
 
         sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -273,7 +275,7 @@ class GRPOTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        update = {k: distributed.mean_over_ranks(ctx, v / config.num_iterations)
+        update = {k: distributed.mean_over_ranks(self.dist, v / config.num_iterations)
                   for k, v in sums.items()}
         # Without a reference model there is no KL to report (not a KL of zero).
         if self.ref_model is None:
@@ -328,7 +330,8 @@ class GRPOTrainer:
             row = self.step()
             self.metrics.log(row)
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", beta=f"{row['beta_mean']:.2f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                            history_weight=f"{row['history_weight_mean']:.2f}")
             if self.step_count == config.max_steps:
                 return
             # Processes may get a signal at different moments (or only one of them gets it):

@@ -25,7 +25,7 @@ from helpers import read_metrics
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 REQUIRED_METRICS = (
-    "reward_mean", "reward_std", "frac_reward_zero_std", "beta_mean", "history_mean",
+    "reward_mean", "reward_std", "frac_reward_zero_std", "history_weight_mean", "history_mean",
     "history_var", "advantage_abs_max", "kl", "clip_ratio", "loss", "grad_norm",
     "completion_length", "step_time", "step_time_generation", "step_time_forward_backward",
     "step_time_advantage")
@@ -65,9 +65,9 @@ def test_each_estimator_trains_and_writes_outputs(tmp_path, estimator):
     if estimator == "bv_blend":
         # The history holds the 4 group means of step 1 when step 2 runs.
         assert rows[0]["history_var"] == 0 and rows[1]["history_var"] > 0
-        assert rows[1]["beta_mean"] > 0
+        assert rows[1]["history_weight_mean"] > 0
     else:
-        assert all(r["beta_mean"] == 0 and r["history_var"] == 0 for r in rows)
+        assert all(r["history_weight_mean"] == 0 and r["history_var"] == 0 for r in rows)
     assert os.path.isfile(os.path.join(config.output_dir, "report.png"))
     state = torch.load(os.path.join(config.output_dir, "checkpoint-2", STATE_FILE),
                        weights_only=True)
