@@ -17,7 +17,6 @@ import torch.distributed as dist
 class Context:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -42,7 +41,7 @@ def setup(device: str | None = None) -> Context:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Context(rank, world_size, local_rank, device)
+    return Context(rank, world_size, device)
 
 
 def _cuda_device(device: torch.device, local_rank: int) -> torch.device:

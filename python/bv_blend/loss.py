@@ -23,8 +23,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
               mask: torch.Tensor, *, loss_type: str, epsilon_low: float, epsilon_high: float,
               beta: float = 0.0, ref_logps: torch.Tensor | None = None,
               max_completion_length: int | None = None,
-              num_items_in_batch: float | None = None) -> LossOutput:
-    """Loss of a batch of B completions of T tokens.
+              num_items_in_batch: float | None = None, num_micro_batches: int = 1) -> LossOutput:
+    """Loss of a batch of B completions of T tokens, one of `num_micro_batches` whose gradients are
+    accumulated into one update: the sum of their losses is the loss of the whole step.
 
     logps, old_logps, ref_logps, mask: (B, T); advantages: (B,), one per completion.
     loss_type decides the denominator of the masked sum of per-token losses:
@@ -32,7 +33,10 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
       bnpo    - the tokens of this batch;
       dr_grpo - B * max_completion_length, a constant (no length bias);
       dapo    - num_items_in_batch: the tokens of the whole step (all micro-batches, all
-                processes), so that accumulated gradients equal those of one big batch.
+                processes), so that accumulated gradients equal those of one big batch;
+                without it, the tokens of this batch.
+    The first three (and dapo without num_items_in_batch) are means over this micro-batch, so
+    their loss is divided by num_micro_batches; dapo's step-wide count already covers them all.
     """
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
@@ -63,6 +67,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Te
         loss = (per_token * mask).sum() / denominator
     else:
         raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo, got {loss_type!r}")
+    if loss_type != "dapo" or num_items_in_batch is None:
+        loss = loss / num_micro_batches
 
     with torch.no_grad():
         if beta > 0:

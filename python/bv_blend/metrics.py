@@ -1,13 +1,74 @@
-"""Per-step metrics (metrics.jsonl, TensorBoard), the end-of-run report.png and summary."""
+"""Per-step metrics (the row, metrics.jsonl, TensorBoard), the end-of-run report.png and
+summary."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 
-TIME_SPLIT = ("step_time_generation", "step_time_rewards", "step_time_advantage",
-              "step_time_forward_backward")
+import torch
+
+# The phases of a step, in order, and the keys of their times, which add up to step_time.
+TIME_KEYS = {phase: f"step_time_{phase}"
+             for phase in ("generation", "rewards", "advantage", "forward_backward")}
+
+
+class StepClock:
+    """Wall time of a step, split into the phases of TIME_KEYS as each ends (`lap`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self.last = time.perf_counter()
+        self.split = {}
+
+    def lap(self, phase: str) -> None:
+        # The time of asynchronous CUDA work is only known once it has finished.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.split[TIME_KEYS[phase]] = now - self.last
+        self.last = now
+
+    def times(self) -> dict[str, float]:
+        return {"step_time": self.last - self.start, **self.split}
+
+
+def step_row(step: int, rewards: torch.Tensor, rewards_per_func: torch.Tensor,
+             reward_names: list[str], advantages, update: dict, *, learning_rate: float,
+             completion_lengths: torch.Tensor, times: dict[str, float]) -> dict:
+    """The metrics row of one step. The tensors hold every process's completions: rewards (N,)
+    and rewards_per_func (N, F), NaN where unscored; advantages is the estimator's output for
+    them; update holds the loss metrics of the optimizer updates."""
+    group_std = advantages.group_std
+    return {
+        "step": step,
+        "reward_mean": _nanmean(rewards),
+        "reward_std": _nanstd(rewards),
+        "reward_group_std_mean": _nanmean(group_std),
+        "frac_reward_zero_std": float(((group_std == 0) | group_std.isnan()).float().mean()),
+        "frac_reward_unscored": float(rewards.isnan().float().mean()),
+        "history_weight_mean": _nanmean(advantages.beta),
+        "history_mean": advantages.history_mean,
+        "history_var": advantages.history_var,
+        "advantage_abs_max": float(advantages.advantages.abs().max()),
+        **{f"reward/{name}": _nanmean(rewards_per_func[:, i])
+           for i, name in enumerate(reward_names)},
+        **update,
+        "learning_rate": learning_rate,
+        "completion_length": float(completion_lengths.mean()),
+        **times,
+    }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    return float(values.float().nanmean())
+
+
+def _nanstd(values: torch.Tensor) -> float:
+    valid = values[~values.isnan()].float()
+    return float(valid.std()) if valid.numel() > 1 else 0.0
 
 
 class MetricsLog:
@@ -104,18 +165,20 @@ def summary(rows: list[dict], wall_time: float) -> str:
         f"{_window_mean(tail, 'reward_mean'):.3f} (last {span}); best step "
         f"{max(r['reward_mean'] for r in rows if not math.isnan(r['reward_mean'])):.3f}"
         if any(not math.isnan(r["reward_mean"]) for r in rows) else "reward_mean: no scored step",
-        f"beta_mean {_window_mean(tail, 'beta_mean'):.3f}, frac_reward_zero_std "
-        f"{_window_mean(tail, 'frac_reward_zero_std'):.2f} (last {span})",
+        f"history_weight_mean {_window_mean(tail, 'history_weight_mean'):.3f}, "
+        f"frac_reward_zero_std {_window_mean(tail, 'frac_reward_zero_std'):.2f} (last {span})",
     ]
     step_time = _window_mean(rows, "step_time")
-    parts = ", ".join(f"{key.removeprefix('step_time_')} {_window_mean(rows, key):.3f}s "
-                      f"({100 * _window_mean(rows, key) / step_time:.0f}%)" for key in TIME_SPLIT)
+    parts = ", ".join(f"{phase} {_window_mean(rows, key):.3f}s "
+                      f"({100 * _window_mean(rows, key) / step_time:.0f}%)"
+                      for phase, key in TIME_KEYS.items())
     lines.append(f"step time {step_time:.3f}s: {parts}")
     return "\n".join(lines)
 
 
 def write_report(rows: list[dict], path: str) -> None:
-    """report.png: reward mean with a +-std band, and the mean BV-Blend weight beta, per step."""
+    """report.png: reward mean with a +-std band; the mean history weight of BV-Blend and the
+    fraction of zero-std groups, per step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -130,7 +193,8 @@ def write_report(rows: list[dict], path: str) -> None:
                      [m + s for m, s in zip(mean, std)], alpha=0.25, label="± std")
     top.set_ylabel("reward")
     top.legend(loc="lower right")
-    bottom.plot(steps, [r["beta_mean"] for r in rows], color="tab:orange", label="β mean")
+    bottom.plot(steps, [r["history_weight_mean"] for r in rows], color="tab:orange",
+                label="history weight (mean over groups)")
     bottom.plot(steps, [r["frac_reward_zero_std"] for r in rows], color="tab:gray", alpha=0.6,
                 label="groups with zero reward std")
     bottom.set_ylim(-0.05, 1.05)

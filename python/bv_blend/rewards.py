@@ -104,7 +104,7 @@ def _check_scores(name: str, scores, expected: int) -> list[float]:
     return values
 
 
-class RewardModel:
+class WeightedRewards:
     """Calls every reward function on a batch and combines their scores with the weights.
 
     The combined reward of a completion is the weighted sum over the functions that scored it;

@@ -8,6 +8,7 @@ learns when to stop); the tokens generated after it are padding and masked out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,17 +21,14 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, C): 1 up to and including the first EOS
     completions: list[str]  # decoded text without special tokens
 
-    @property
+    # Cached: the trainer slices them for every micro-batch of every update.
+    @cached_property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
 
-    @property
+    @cached_property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    def select(self, rows: slice) -> "Rollout":
-        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                       self.completion_mask[rows], self.completions[rows])
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:

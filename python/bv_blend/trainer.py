@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from bv_blend import checkpoint, distributed
 from bv_blend.advantages import AdvantageEstimator
 from bv_blend.config import GRPOConfig
-from bv_blend.loss import grpo_loss
-from bv_blend.metrics import MetricsLog, summary, write_report
-from bv_blend.rewards import RewardFunctionError, RewardModel, get_reward_func
-from bv_blend.sampling import sample_completions, token_logprobs
+from bv_blend.loss import LossOutput, grpo_loss
+from bv_blend.metrics import MetricsLog, StepClock, step_row, summary, write_report
+from bv_blend.rewards import RewardFunctionError, WeightedRewards, get_reward_func
+from bv_blend.sampling import Rollout, sample_completions, token_logprobs
 from bv_blend.tasks import get_task, load_jsonl, prompt_source
 from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer
 
@@ -52,40 +52,15 @@ class GRPOTrainer:
         resume_path = checkpoint.resolve(config.resume_from) if config.resume_from else None
         checkpoint.seed_everything(config.seed + self.dist.rank)
 
-        if reward_funcs is None:
-            reward_funcs = ([get_reward_func(n) for n in config.reward_funcs]
-                            if config.reward_funcs else list(self.task.reward_funcs))
-        elif callable(reward_funcs):
-            reward_funcs = [reward_funcs]
-        self.rewards = RewardModel(reward_funcs, config.reward_weights)
-        if train_dataset is None and config.dataset_path:
-            train_dataset = load_jsonl(config.dataset_path)
-        self.data = prompt_source(self.task, config.seed, train_dataset)
-
-        self.model, self.tokenizer = self._load_model(model, tokenizer)
-        self.model.to(self.device)
-        # No dropout anywhere: the log-probabilities of the loss must be those of the sampler.
-        self.model.eval()
-        self.ref_model = None
-        if config.beta > 0:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.rewards = self._build_rewards(reward_funcs)
+        self.data = self._build_data(train_dataset)
+        self.model, self.tokenizer, self.ref_model = self._build_models(model, tokenizer)
         self.autocast_dtype = self._autocast_dtype()
-        self.max_completion_length = (config.max_completion_length
-                                      or self.task.max_completion_length)
-
-        self.estimator = AdvantageEstimator(
-            config.estimator, eps=config.advantage_eps, window=config.bv_window,
-            ema_decay=config.bv_ema_decay, min_history=config.bv_min_history,
-            initial_baseline=config.bv_initial_baseline, bv_scale=config.bv_scale)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
-        from transformers import get_scheduler
-        self.scheduler = get_scheduler(
-            config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_steps,
-            num_training_steps=config.max_steps * config.num_iterations)
-        self.ddp_model = (DistributedDataParallel(self.model) if self.dist.enabled
-                          else self.model)
+        self.max_completion_length = config.max_completion_length or self.task.max_completion_length
+        self.estimator = self._build_estimator()
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.ddp_model = DistributedDataParallel(self.model) if self.dist.enabled else self.model
 
         self.step_count = 0
         self.data_position = 0  # prompts consumed by all processes together
@@ -105,6 +80,30 @@ class GRPOTrainer:
         if distributed.any_rank(self.dist, problem is not None):
             raise ValueError(f"output_dir {self.config.output_dir!r} "
                              f"{problem or 'cannot be used by the main process'}")
+
+    def _build_rewards(self, reward_funcs) -> WeightedRewards:
+        config = self.config
+        if reward_funcs is None:
+            reward_funcs = ([get_reward_func(n) for n in config.reward_funcs]
+                            if config.reward_funcs else list(self.task.reward_funcs))
+        elif callable(reward_funcs):
+            reward_funcs = [reward_funcs]
+        return WeightedRewards(reward_funcs, config.reward_weights)
+
+    def _build_data(self, train_dataset):
+        if train_dataset is None and self.config.dataset_path:
+            train_dataset = load_jsonl(self.config.dataset_path)
+        return prompt_source(self.task, self.config.seed, train_dataset)
+
+    def _build_models(self, model, tokenizer):
+        """The policy on this process's device, its tokenizer, and the frozen reference model
+        (None without a KL term)."""
+        model, tokenizer = self._load_model(model, tokenizer)
+        model.to(self.device)
+        # No dropout anywhere: the log-probabilities of the loss must be those of the sampler.
+        model.eval()
+        ref_model = copy.deepcopy(model).requires_grad_(False) if self.config.beta > 0 else None
+        return model, tokenizer, ref_model
 
     def _load_model(self, model, tokenizer):
         config = self.config
@@ -130,155 +129,170 @@ class GRPOTrainer:
             bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else None
 
+    def _build_estimator(self) -> AdvantageEstimator:
+        config = self.config
+        return AdvantageEstimator(
+            config.estimator, eps=config.advantage_eps, window=config.bv_window,
+            ema_decay=config.bv_ema_decay, min_history=config.bv_min_history,
+            initial_baseline=config.bv_initial_baseline, bv_scale=config.bv_scale)
+
+    def _build_optimizer(self):
+        """AdamW and its learning-rate schedule, counted in optimizer updates."""
+        from transformers import get_scheduler
+
+        config = self.config
+        optimizer = torch.optim.AdamW(
+            self.trainable_params, lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.max_steps * config.num_iterations)
+        return optimizer, scheduler
+
     def _check_reward_funcs(self) -> None:
         """Score one real group before training, so that a reward function returning the wrong
         length or a non-number fails now rather than after the first generation of a long run.
         The probe runs on its own RNG stream: training samples are the same with or without it."""
         example = self.data[0]
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            rollout = sample_completions(
-                self.model, self.tokenizer, [example["prompt"]], num_generations=2,
-                max_completion_length=self.max_completion_length,
-                temperature=self.config.temperature, top_p=self.config.top_p,
-                autocast_dtype=self.autocast_dtype)
-        self.rewards([example["prompt"]] * 2, rollout.completions, self._columns([example], 2))
-
-    @staticmethod
-    def _columns(examples: list[dict], repeat: int) -> dict[str, list]:
-        return {key: [e[key] for e in examples for _ in range(repeat)]
-                for key in examples[0] if key != "prompt"}
+            rollout = self._sample([example], num_generations=2)
+        prompts, columns = self._reward_inputs([example], repeat=2)
+        self.rewards(prompts, rollout.completions, columns)
 
     # one step --------------------------------------------------------------------------------
 
-    def _sync(self) -> None:
-        # Timings of asynchronous CUDA work are only meaningful after a synchronisation.
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def step(self) -> dict:
         """One training step; returns its metrics row."""
-        config, ctx = self.config, self.dist
-        group = config.num_generations
-        per_rank = config.batch_size // group
-        start = time.perf_counter()
+        group, batch = self.config.num_generations, self.config.batch_size
+        clock = StepClock(self.device)
+        examples = self._next_examples()
+        rollout = self._sample(examples, group)
+        clock.lap("generation")
+        rewards, rewards_per_func = self._score(examples, rollout.completions)
+        clock.lap("rewards")
+        adv = self.estimator(rewards, group)
+        clock.lap("advantage")
+        self.last_advantages = adv.advantages
+        own = slice(self.dist.rank * batch, (self.dist.rank + 1) * batch)  # in the gathered batch
+        update = self._optimize(rollout, adv.advantages[own])
+        clock.lap("forward_backward")
 
-        first = self.data_position + ctx.rank * per_rank
-        examples = [self.data[first + i] for i in range(per_rank)]
-        prompts = [e["prompt"] for e in examples]
-        rollout = sample_completions(
-            self.model, self.tokenizer, prompts, num_generations=group,
-            max_completion_length=self.max_completion_length, temperature=config.temperature,
-            top_p=config.top_p, autocast_dtype=self.autocast_dtype)
-        self._sync()
-        t_generated = time.perf_counter()
+        self.step_count += 1
+        self.data_position += len(examples) * self.dist.world_size
+        lengths = distributed.all_gather(self.dist, rollout.completion_mask.sum(1).float())
+        return step_row(self.step_count, rewards, rewards_per_func, self.rewards.names, adv,
+                        update, learning_rate=self.scheduler.get_last_lr()[0],
+                        completion_lengths=lengths, times=clock.times())
 
+    def _next_examples(self) -> list[dict]:
+        """This process's prompts of the step: its shard of the next ones of all processes."""
+        per_process = self.config.batch_size // self.config.num_generations
+        first = self.data_position + self.dist.rank * per_process
+        return [self.data[first + i] for i in range(per_process)]
+
+    def _sample(self, examples: list[dict], num_generations: int) -> Rollout:
+        return sample_completions(
+            self.model, self.tokenizer, [e["prompt"] for e in examples],
+            num_generations=num_generations, max_completion_length=self.max_completion_length,
+            temperature=self.config.temperature, top_p=self.config.top_p,
+            autocast_dtype=self.autocast_dtype)
+
+    @staticmethod
+    def _reward_inputs(examples: list[dict], repeat: int) -> tuple[list[str], dict[str, list]]:
+        """The prompts and every other dataset column, as the reward functions take them: each
+        example's values repeated for its `repeat` completions."""
+        prompts = [e["prompt"] for e in examples for _ in range(repeat)]
+        columns = {key: [e[key] for e in examples for _ in range(repeat)]
+                   for key in examples[0] if key != "prompt"}
+        return prompts, columns
+
+    def _score(self, examples: list[dict], completions: list[str]):
+        """Rewards of every process's completions, in process order: combined (N,) and per
+        reward function (N, F)."""
+        prompts, columns = self._reward_inputs(examples, repeat=self.config.num_generations)
         error = None
         try:
-            rewards, per_func = self.rewards([p for p in prompts for _ in range(group)],
-                                             rollout.completions, self._columns(examples, group))
+            rewards, rewards_per_func = self.rewards(prompts, completions, columns)
         except RewardFunctionError as err:
             error = err
         # Every process must leave together, or the others would wait forever in all_gather.
-        if distributed.any_rank(ctx, error is not None):
+        if distributed.any_rank(self.dist, error is not None):
             raise error or RewardFunctionError("a reward function failed in another process")
-        rewards = distributed.all_gather(ctx, rewards.to(self.device))
-        per_func = distributed.all_gather(ctx, per_func.to(self.device))
-        t_rewarded = time.perf_counter()
+        return (distributed.all_gather(self.dist, rewards.to(self.device)),
+                distributed.all_gather(self.dist, rewards_per_func.to(self.device)))
 
-        adv = self.estimator(rewards, group)
-        self._sync()
-        t_advantaged = time.perf_counter()
-        self.last_advantages = adv.advantages
-        local = adv.advantages[ctx.rank * config.batch_size:(ctx.rank + 1) * config.batch_size]
-        update = self._optimize(rollout, local)
-        self._sync()
-        t_end = time.perf_counter()
-
-        self.step_count += 1
-        self.data_position += per_rank * ctx.world_size
-        lengths = distributed.all_gather(ctx, rollout.completion_mask.sum(1).float())
-        std = adv.group_std
-        row = {
-            "step": self.step_count,
-            "reward_mean": _nanmean(rewards),
-            "reward_std": _nanstd(rewards),
-            "reward_group_std_mean": _nanmean(std),
-            "frac_reward_zero_std": float(((std == 0) | std.isnan()).float().mean()),
-            "frac_reward_unscored": float(rewards.isnan().float().mean()),
-            "beta_mean": _nanmean(adv.beta),
-            "history_mean": adv.history_mean,
-            "history_var": adv.history_var,
-            "advantage_abs_max": float(adv.advantages.abs().max()),
-            **{f"reward/{name}": _nanmean(per_func[:, i])
-               for i, name in enumerate(self.rewards.names)},
-            **update,
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "completion_length": float(lengths.mean()),
-            "step_time": t_end - start,
-            "step_time_generation": t_generated - start,
-            "step_time_rewards": t_rewarded - t_generated,
-            "step_time_advantage": t_advantaged - t_rewarded,
-            "step_time_forward_backward": t_end - t_advantaged,
-        }
-        return row
-
-    def _optimize(self, rollout, advantages: torch.Tensor) -> dict:
-        config, ctx = self.config, self.dist
-        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-        mask = rollout.completion_mask
-        num_tokens = mask.shape[1]
+    def _optimize(self, rollout: Rollout, advantages: torch.Tensor) -> dict:
+        """num_iterations optimizer updates on this process's completions, each accumulating the
+        gradients of gradient_accumulation_steps micro-batches. Returns the loss metrics,
+        averaged over the updates and the processes."""
+        config = self.config
         accumulation = config.gradient_accumulation_steps
-        micro = config.batch_size // accumulation
-        chunks = [slice(i * micro, (i + 1) * micro) for i in range(accumulation)]
-
-        def logprobs(model, rows):
-            return token_logprobs(model, input_ids[rows], attention_mask[rows], num_tokens,
-                                  config.temperature, self.autocast_dtype)
-
+        size = config.batch_size // accumulation
+        micro_batches = [slice(i * size, (i + 1) * size) for i in range(accumulation)]
         with torch.no_grad():
             # With one update per batch the policy has not moved yet: its own detached
             # log-probabilities are the old ones and save a forward pass.
-            old = ([logprobs(self.model, rows) for rows in chunks]
-                   if config.num_iterations > 1 else None)
-            ref = ([logprobs(self.ref_model, rows) for rows in chunks]
-                   if self.ref_model is not None else None)
-        # dapo divides by the tokens of the whole step; DDP then averages over the processes,
-        # so each process divides by the global count over the number of processes.
-        items = float(distributed.all_reduce_sum(ctx, mask.sum().float())) / ctx.world_size
+            old = ([self._logprobs(self.model, rollout, rows) for rows in micro_batches]
+                   if config.num_iterations > 1 else [None] * accumulation)
+            ref = ([self._logprobs(self.ref_model, rollout, rows) for rows in micro_batches]
+                   if self.ref_model is not None else [None] * accumulation)
+        tokens = self._tokens_per_process(rollout.completion_mask)
 
         sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
-        params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(config.num_iterations):
-            for k, rows in enumerate(chunks):
-                last = k == accumulation - 1
-                no_sync = (self.ddp_model.no_sync() if self.dist.enabled and not last
-                           else contextlib.nullcontext())
-                with no_sync:
-                    logps = logprobs(self.ddp_model, rows)
-                    out = grpo_loss(
-                        logps, old[k] if old is not None else logps.detach(), advantages[rows],
-                        mask[rows], loss_type=config.loss_type, epsilon_low=config.epsilon,
-                        epsilon_high=config.epsilon_upper, beta=config.beta,
-                        ref_logps=ref[k] if ref is not None else None,
-                        max_completion_length=self.max_completion_length,
-                        num_items_in_batch=items)
-                    loss = out.loss if config.loss_type == "dapo" else out.loss / accumulation
-                    loss.backward()
-                sums["loss"] += float(loss.detach())
+            for k, rows in enumerate(micro_batches):
+                out = self._accumulate_gradients(rollout, rows, advantages[rows], old[k], ref[k],
+                                                 tokens, last=k == accumulation - 1)
+                sums["loss"] += float(out.loss.detach())
                 sums["clip_ratio"] += float(out.clip_ratio) / accumulation
                 if out.kl is not None:
                     sums["kl"] += float(out.kl) / accumulation
-            max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-            sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        update = {k: distributed.mean_over_ranks(ctx, v / config.num_iterations)
+            sums["grad_norm"] += self._optimizer_step()
+        update = {k: distributed.mean_over_ranks(self.dist, v / config.num_iterations)
                   for k, v in sums.items()}
         # Without a reference model there is no KL to report (not a KL of zero).
         if self.ref_model is None:
             update["kl"] = None
         return update
+
+    def _logprobs(self, model, rollout: Rollout, rows: slice) -> torch.Tensor:
+        return token_logprobs(model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                              rollout.completion_mask.shape[1], self.config.temperature,
+                              self.autocast_dtype)
+
+    def _tokens_per_process(self, completion_mask: torch.Tensor) -> float:
+        # dapo divides by the tokens of the whole step; DDP then averages over the processes,
+        # so each process divides by the global count over the number of processes.
+        tokens = distributed.all_reduce_sum(self.dist, completion_mask.sum().float())
+        return float(tokens) / self.dist.world_size
+
+    def _accumulate_gradients(self, rollout: Rollout, rows: slice, advantages: torch.Tensor,
+                              old_logps, ref_logps, tokens: float, last: bool) -> LossOutput:
+        """Forward and backward of one micro-batch. DDP averages the gradients over the
+        processes only on the `last` micro-batch of an update."""
+        config = self.config
+        no_sync = (self.ddp_model.no_sync() if self.dist.enabled and not last
+                   else contextlib.nullcontext())
+        with no_sync:
+            logps = self._logprobs(self.ddp_model, rollout, rows)
+            out = grpo_loss(
+                logps, old_logps if old_logps is not None else logps.detach(), advantages,
+                rollout.completion_mask[rows], loss_type=config.loss_type,
+                epsilon_low=config.epsilon, epsilon_high=config.epsilon_upper, beta=config.beta,
+                ref_logps=ref_logps, max_completion_length=self.max_completion_length,
+                num_items_in_batch=tokens, num_micro_batches=config.gradient_accumulation_steps)
+            out.loss.backward()
+        return out
+
+    def _optimizer_step(self) -> float:
+        """Clip the accumulated gradients, step, and return their norm before clipping."""
+        max_norm = self.config.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable_params, max_norm if max_norm is not None else math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     # checkpoints -----------------------------------------------------------------------------
 
@@ -328,7 +342,8 @@ class GRPOTrainer:
             row = self.step()
             self.metrics.log(row)
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", beta=f"{row['beta_mean']:.2f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                            history_weight=f"{row['history_weight_mean']:.2f}")
             if self.step_count == config.max_steps:
                 return
             # Processes may get a signal at different moments (or only one of them gets it):
@@ -414,11 +429,3 @@ class StopOnSignal:
             print(f"\nbv-blend: {name} received: {message}", file=sys.stderr, flush=True)
         self.received = self.received or signal_number
 
-
-def _nanmean(values: torch.Tensor) -> float:
-    return float(values.float().nanmean())
-
-
-def _nanstd(values: torch.Tensor) -> float:
-    valid = values[~values.isnan()].float()
-    return float(valid.std()) if valid.numel() > 1 else 0.0

@@ -60,7 +60,7 @@ class BVBlendGRPOConfig(GRPOConfig):
     """TRL's `GRPOConfig` plus the BV-Blend estimator settings (all prefixed `bv_`).
 
     `bv_scale` replaces TRL's `scale_rewards` for the advantages; TRL still uses `scale_rewards`
-    for its `frac_reward_zero_std` metric. With `bv_use_history=False` the history weight β is 0
+    for its `frac_reward_zero_std` metric. With `bv_use_history=False` the history weight is 0
     and the advantages are TRL's own: `bv_scale` "group" or "blend" equals `scale_rewards="group"`,
     "batch" equals "batch" and "none" equals "none".
     """
@@ -77,7 +77,8 @@ class BVBlendGRPOConfig(GRPOConfig):
         default=0.0, metadata={"help": "Value of H before any group has been seen."})
     bv_min_history: int = field(
         default=2,
-        metadata={"help": "Group means needed in the window before the history is used (β > 0)."})
+        metadata={"help": "Group means needed in the window before the history is used (before "
+                          "that, the history weight is 0)."})
     bv_scale: str = field(
         default="blend",
         metadata={"help": "Advantage scale: 'blend' (blended std), 'group', 'batch' or 'none'. "
@@ -86,8 +87,8 @@ class BVBlendGRPOConfig(GRPOConfig):
         default=1e-4, metadata={"help": "Added to the scale, as TRL adds 1e-4 to the std."})
     bv_use_history: bool = field(
         default=True,
-        metadata={"help": "False: β = 0 (no history is used or updated), which reproduces TRL's "
-                          "own advantages; for A/B runs."})
+        metadata={"help": "False: the history weight is 0 (no history is used or updated), which "
+                          "reproduces TRL's own advantages; for A/B runs."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -174,7 +175,7 @@ class BVBlendGRPOTrainer(GRPOTrainer):
 
         if self.args.bv_use_history and mode == "train":
             step = self.bv_blend.step(rewards, group_size=group_size)
-            advantages, beta = step.advantages, step.beta
+            advantages, history_weight = step.advantages, step.beta
             hist_mean, hist_var = step.history_mean.item(), step.history_var.item()
         else:
             # Evaluation blends with the history but must not move it.
@@ -184,10 +185,11 @@ class BVBlendGRPOTrainer(GRPOTrainer):
             out = bv_blend_ext.blend_advantages(
                 rewards, group_size, hist_mean=hist_mean, hist_var=hist_var,
                 eps=self.args.bv_eps, scale=self.args.bv_scale)
-            advantages, beta = out.advantages, out.beta
+            advantages, history_weight = out.advantages, out.beta
 
         metrics = self._metrics[mode]
-        metrics["bv_blend/beta_mean"].append(torch.nanmean(beta.float()).item())
+        metrics["bv_blend/history_weight_mean"].append(
+            torch.nanmean(history_weight.float()).item())
         metrics["bv_blend/history_mean"].append(hist_mean)
         metrics["bv_blend/history_var"].append(hist_var)
         return advantages

@@ -40,7 +40,8 @@ def test_end_to_end_with_yaml_and_flag_overrides(tmp_path):
         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
-    assert "reward_mean" in result.stdout and "step time" in result.stdout  # the summary
+    for line in ("reward_mean", "history_weight_mean", "step time"):  # the summary
+        assert line in result.stdout
     assert (out / "report.png").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

@@ -46,6 +46,36 @@ def test_dapo_divides_by_the_step_token_count():
     assert loss("dapo", num_items_in_batch=12.0).loss.item() == pytest.approx(3.6 / 12)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_a_micro_batch_mean_is_divided_by_the_micro_batch_count(loss_type):
+    # Without a step-wide token count every aggregation is a mean over its own micro-batch.
+    whole = loss(loss_type).loss.item()
+    assert loss(loss_type, num_micro_batches=4).loss.item() == pytest.approx(whole / 4)
+
+
+def test_dapo_with_the_step_token_count_is_not_divided_again():
+    out = loss("dapo", num_items_in_batch=12.0, num_micro_batches=4)
+    assert out.loss.item() == pytest.approx(3.6 / 12)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_accumulated_micro_batches_give_the_whole_batch(loss_type):
+    # One row per micro-batch; dapo is given the step's 5 tokens. (bnpo is left out: it divides
+    # by each micro-batch's own tokens, 2 and 3 here, as TRL defines it.)
+    settings = dict(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2,
+                    max_completion_length=4, num_items_in_batch=5.0)
+    whole_logps = LOGPS.clone().requires_grad_(True)
+    whole = grpo_loss(whole_logps, OLD, ADV, MASK, **settings).loss
+    whole.backward()
+    micro_logps = LOGPS.clone().requires_grad_(True)
+    total = sum(grpo_loss(micro_logps[rows], OLD[rows], ADV[rows], MASK[rows],
+                          num_micro_batches=2, **settings).loss
+                for rows in (slice(0, 1), slice(1, 2)))
+    total.backward()
+    assert total.item() == pytest.approx(whole.item(), abs=1e-12)
+    torch.testing.assert_close(micro_logps.grad, whole_logps.grad)
+
+
 def test_asymmetric_clip_range():
     # epsilon_high 0.6: ratio 1.5 is no longer clipped, row 0 token 1 costs -1.5 instead of -1.2.
     out = loss("bnpo", epsilon_high=0.6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bv_blend import rewards, tasks
-from bv_blend.rewards import RewardFunctionError, RewardModel
+from bv_blend.rewards import RewardFunctionError, WeightedRewards
 
 
 @pytest.mark.parametrize("name", ["add", "add_sparse", "reverse", "reverse_sparse"])
@@ -104,7 +104,7 @@ def test_procedural_prompts_need_a_generator_for_jsonl():
         tasks.prompt_source(tasks.get_task("jsonl"), seed=0)
 
 
-# RewardModel ---------------------------------------------------------------------------------
+# WeightedRewards ------------------------------------------------------------------------------
 
 def constant(value):
     def reward(prompts, completions, **kwargs):
@@ -120,12 +120,12 @@ def test_weighted_sum_and_unscored_entries():
     def never(prompts, completions, **kwargs):
         return [None, None, None]
 
-    model = RewardModel([constant(1.0), partly, never], weights=[0.5, 2.0, 3.0])
-    total, per_func = model(["a", "b", "c"], ["x", "y", "z"], {})
+    rewards = WeightedRewards([constant(1.0), partly, never], weights=[0.5, 2.0, 3.0])
+    total, per_func = rewards(["a", "b", "c"], ["x", "y", "z"], {})
     torch.testing.assert_close(total, torch.tensor([0.5, 2.5, 0.5]))
     assert per_func.shape == (3, 3) and math.isnan(per_func[0, 1]) and per_func[1, 1] == 1.0
 
-    only_none, _ = RewardModel([never])(["a", "b", "c"], ["x", "y", "z"], {})
+    only_none, _ = WeightedRewards([never])(["a", "b", "c"], ["x", "y", "z"], {})
     assert only_none.isnan().all()
 
 
@@ -136,7 +136,7 @@ def test_dataset_columns_are_passed_by_keyword():
         seen.update(prompts=prompts, completions=completions, answer=answer, level=level)
         return [0.0] * len(prompts)
 
-    RewardModel([spy])(["p1", "p2"], ["c1", "c2"], {"answer": ["a1", "a2"], "level": [1, 2]})
+    WeightedRewards([spy])(["p1", "p2"], ["c1", "c2"], {"answer": ["a1", "a2"], "level": [1, 2]})
     assert seen == {"prompts": ["p1", "p2"], "completions": ["c1", "c2"],
                     "answer": ["a1", "a2"], "level": [1, 2]}
 
@@ -162,7 +162,7 @@ def test_malformed_reward_output_is_named(returned, message):
         return returned
 
     with pytest.raises(RewardFunctionError, match=message):
-        RewardModel([bad])(["p1", "p2"], ["c1", "c2"], {})
+        WeightedRewards([bad])(["p1", "p2"], ["c1", "c2"], {})
 
 
 @pytest.mark.parametrize("returned", [
@@ -173,7 +173,7 @@ def test_sequences_of_scores_are_accepted(returned):
     def scores(prompts, completions, **kwargs):
         return returned
 
-    total, _ = RewardModel([scores])(["p1", "p2"], ["c1", "c2"], {})
+    total, _ = WeightedRewards([scores])(["p1", "p2"], ["c1", "c2"], {})
     assert total[0] == 0.5 and total[1].isnan()
 
 
@@ -183,11 +183,11 @@ def test_raising_reward_function_names_the_prompt():
 
     with pytest.raises(RewardFunctionError,
                        match=r"'picky' raised ZeroDivisionError.*prompt '2\+2='"):
-        RewardModel([picky])(["1+1=", "2+2=", "3+3="], ["02", "", "06"], {})
+        WeightedRewards([picky])(["1+1=", "2+2=", "3+3="], ["02", "", "06"], {})
 
 
 def test_reward_weights_must_match():
     with pytest.raises(ValueError, match="reward_weights has 1 entries for 2"):
-        RewardModel([constant(1.0), constant(2.0)], weights=[1.0])
+        WeightedRewards([constant(1.0), constant(2.0)], weights=[1.0])
     with pytest.raises(TypeError, match="not callable"):
-        RewardModel(["exact_match"])
+        WeightedRewards(["exact_match"])

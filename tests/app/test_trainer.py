@@ -25,10 +25,10 @@ from helpers import read_metrics
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 REQUIRED_METRICS = (
-    "reward_mean", "reward_std", "frac_reward_zero_std", "beta_mean", "history_mean",
+    "reward_mean", "reward_std", "frac_reward_zero_std", "history_weight_mean", "history_mean",
     "history_var", "advantage_abs_max", "kl", "clip_ratio", "loss", "grad_norm",
-    "completion_length", "step_time", "step_time_generation", "step_time_forward_backward",
-    "step_time_advantage")
+    "completion_length", "step_time", "step_time_generation", "step_time_rewards",
+    "step_time_advantage", "step_time_forward_backward")
 
 
 
@@ -62,12 +62,14 @@ def test_each_estimator_trains_and_writes_outputs(tmp_path, estimator):
         assert 0 <= row["frac_reward_zero_std"] <= 1
         assert row["completion_length"] <= get_task("add").max_completion_length
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+        split = sum(value for key, value in row.items() if key.startswith("step_time_"))
+        assert row["step_time"] == pytest.approx(split)
     if estimator == "bv_blend":
         # The history holds the 4 group means of step 1 when step 2 runs.
         assert rows[0]["history_var"] == 0 and rows[1]["history_var"] > 0
-        assert rows[1]["beta_mean"] > 0
+        assert rows[1]["history_weight_mean"] > 0
     else:
-        assert all(r["beta_mean"] == 0 and r["history_var"] == 0 for r in rows)
+        assert all(r["history_weight_mean"] == 0 and r["history_var"] == 0 for r in rows)
     assert os.path.isfile(os.path.join(config.output_dir, "report.png"))
     state = torch.load(os.path.join(config.output_dir, "checkpoint-2", STATE_FILE),
                        weights_only=True)

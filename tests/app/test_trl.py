@@ -174,9 +174,10 @@ def test_training_updates_parameters_and_logs_bv_metrics(model_dir, tmp_path):
         # One generation batch per step: each log holds exactly the history that batch used.
         assert entry["bv_blend/history_mean"] == pytest.approx(call["history_mean"])
         assert entry["bv_blend/history_var"] == pytest.approx(call["history_var"])
-        assert 0.0 <= entry["bv_blend/beta_mean"] <= 1.0
-    assert logs[0]["bv_blend/history_var"] == 0.0 and logs[0]["bv_blend/beta_mean"] == 0.0
-    assert logs[-1]["bv_blend/history_var"] > 0.0 and logs[-1]["bv_blend/beta_mean"] > 0.0
+        assert 0.0 <= entry["bv_blend/history_weight_mean"] <= 1.0
+    first, last = logs[0], logs[-1]
+    assert first["bv_blend/history_var"] == 0.0 and first["bv_blend/history_weight_mean"] == 0.0
+    assert last["bv_blend/history_var"] > 0.0 and last["bv_blend/history_weight_mean"] > 0.0
 
 
 @pytest.mark.parametrize("bv_scale, scale_rewards",
