@@ -23,7 +23,7 @@ class Advantages(NamedTuple):
     advantages: torch.Tensor  # (N,), 0 where the reward is NaN or ±inf
     group_mean: torch.Tensor  # (G,)
     group_std: torch.Tensor  # (G,), unbiased; NaN for a group with no valid reward
-    beta: torch.Tensor  # (G,), weight of the history in each group's baseline
+    history_weight: torch.Tensor  # (G,), β: the weight of the history in each group's baseline
     history_mean: float  # H used for this call (0 for the estimators without history)
     history_var: float  # sigma_u^2 used for this call
 
