@@ -314,6 +314,7 @@ def trainer_plot(path: Path, runs, curves, args) -> None:
 # command line --------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    # Long because it declares both sub-commands' flags; each mode's work is in its own function.
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("sim", help="exact-gradient simulation")

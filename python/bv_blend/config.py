@@ -108,7 +108,10 @@ class GRPOConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def validate(self) -> None:
-        """Raise ValueError naming the setting for anything that cannot train."""
+        """Raise ValueError naming the setting for anything that cannot train.
+
+        Long on purpose: one flat list, a line or two per setting in the order of the fields,
+        is the easiest way to see which rule applies to which setting."""
         def choice(name, options):
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
