@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import bv_blend_ext
 from bv_blend_ext.reference import accumulation_dtype
 
 # Advantages are rounded to the rewards' dtype at the very end, so two correct implementations
@@ -63,6 +64,19 @@ def assert_history(est, hist, rtol):
                                rtol=rtol, atol=rtol)
     torch.testing.assert_close(float(est.history_mean), hist.ema, rtol=rtol, atol=rtol)
     torch.testing.assert_close(float(est.history_var), hist.variance, rtol=rtol, atol=rtol)
+
+
+def determinism_outputs(ragged, offsets, fixed, grad_out, scale):
+    """Every output of a forward and backward over ragged groups and of a forward over fixed groups
+    of 16, by name, as bit patterns: what the determinism tests compare from run to run."""
+    r = ragged.clone().requires_grad_()
+    out = bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=0.2, hist_var=0.9,
+                                        scale=scale)
+    (grad,) = torch.autograd.grad(out.advantages, r, grad_out)
+    fixed_out = bv_blend_ext.blend_advantages(fixed, 16, hist_mean=0.2, hist_var=0.9, scale=scale)
+    named = zip(("advantages", "group_mean", "group_std", "beta", "grad", "fixed advantages",
+                 "fixed group_mean", "fixed group_std", "fixed beta"), (*out, grad, *fixed_out))
+    return {name: bits(t) for name, t in named}
 
 
 def raises_naming(argument, error=(ValueError, TypeError)):

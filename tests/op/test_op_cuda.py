@@ -8,7 +8,8 @@ import torch
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import assert_blend_close, assert_history, bits, ragged_rewards
+from helpers import (assert_blend_close, assert_history, bits, determinism_outputs,
+                     ragged_rewards)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -120,19 +121,11 @@ def test_bitwise_deterministic_across_runs(scale):
     rewards, offsets = ragged_rewards(50000, 40, torch.float32, seed=16, device="cuda")
     fixed = torch.randn(65536 * 16, device="cuda")
     grad_out = torch.randn(rewards.shape, device="cuda")
-
-    def run():
-        r = rewards.clone().requires_grad_()
-        out = bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=0.2, hist_var=0.9,
-                                            scale=scale)
-        (grad,) = torch.autograd.grad(out.advantages, r, grad_out)
-        fixed_out = bv_blend_ext.blend_advantages(fixed, 16, hist_mean=0.2, hist_var=0.9,
-                                                  scale=scale)
-        return [bits(t) for t in (*out, grad, *fixed_out)]
-
-    first = run()
+    first = determinism_outputs(rewards, offsets, fixed, grad_out, scale)
     for _ in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+        again = determinism_outputs(rewards, offsets, fixed, grad_out, scale)
+        differing = [name for name in first if not torch.equal(first[name], again[name])]
+        assert not differing, f"differ between runs: {differing}"
 
 
 

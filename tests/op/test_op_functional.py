@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import assert_blend_close, bits, ragged_rewards
+from helpers import assert_blend_close, bits, determinism_outputs, ragged_rewards
 
 NAN = float("nan")
 SCALES = ("group", "blend", "batch", "none")
@@ -233,24 +233,12 @@ def test_bitwise_equal_across_thread_counts(scale):
     ragged, offsets = ragged_rewards(20000, 14, torch.float32, seed=6)
     fixed = torch.randn(8192 * 16, generator=torch.Generator().manual_seed(7))
     grad_out = torch.randn(ragged.shape, generator=torch.Generator().manual_seed(8))
-
-    def run():
-        r = ragged.clone().requires_grad_()
-        out = bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=0.2, hist_var=0.9,
-                                            scale=scale)
-        (grad,) = torch.autograd.grad(out.advantages, r, grad_out)
-        fixed_out = bv_blend_ext.blend_advantages(fixed, 16, hist_mean=0.2, hist_var=0.9,
-                                                  scale=scale)
-        named = zip(("advantages", "group_mean", "group_std", "beta", "grad", "fixed advantages",
-                     "fixed group_mean", "fixed group_std", "fixed beta"), (*out, grad, *fixed_out))
-        return {name: bits(t) for name, t in named}
-
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run()
+        one = determinism_outputs(ragged, offsets, fixed, grad_out, scale)
         torch.set_num_threads(2)
-        two = run()
+        two = determinism_outputs(ragged, offsets, fixed, grad_out, scale)
     finally:
         torch.set_num_threads(threads)
     differing = [name for name in one if not torch.equal(one[name], two[name])]
