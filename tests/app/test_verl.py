@@ -5,6 +5,7 @@ callback, on the CPU. verl cannot share .venv with TRL, so these tests run in .v
 
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -26,6 +27,7 @@ from bv_blend.verl import (  # noqa: E402
     compute_bv_blend_advantage)
 from bv_blend_ext.reference import HistoryReference  # noqa: E402
 
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "verl.md")
 RESPONSE_LENGTH = 6
 # Ours against verl's own estimators, both float32: the op sums in another order than
 # torch.mean/torch.std, which moves the last bits of advantages of order 1.
@@ -346,6 +348,34 @@ def test_without_the_callback_the_first_call_warns_once(caplog):
         compute_bv_blend_advantage(rewards, mask, as_index(uids), algorithm())
     warnings = [r for r in caplog.records if "checkpoint_callback_class" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def documented_overrides():
+    """The Hydra overrides of the GRPO run in docs/verl.md (its first bash block)."""
+    with open(DOCS) as f:
+        block = re.search(r"```bash\n(python3 -m verl\.trainer\.main_ppo.*?)```", f.read(),
+                          re.DOTALL).group(1)
+    return [line.strip().rstrip("\\").strip() for line in block.splitlines()[1:] if line.strip()]
+
+
+def test_the_documented_run_configures_the_estimator_and_the_callback(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    overrides = documented_overrides()
+    assert "algorithm.adv_estimator=bv_blend" in overrides
+    monkeypatch.chdir(tmp_path)  # default_local_dir is relative: no checkpoint to resume there
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+        bare = compose(config_name="ppo_trainer",
+                       overrides=["algorithm.adv_estimator=bv_blend"])
+    assert config.trainer.use_v1 and config.trainer.v1.trainer_mode == "sync"
+    assert bv_verl.read_settings(config.algorithm) == bv_verl.DEFAULT_SETTINGS
+    assert bv_verl.read_settings(bare.algorithm) == bv_verl.DEFAULT_SETTINGS
+    assert isinstance(build_checkpoint_callback(config), BVBlendCheckpointCallback)
+    rewards, mask, uids = make_batch([[0.0, 1.0, 1.0]], seed=0)
+    compute_bv_blend_advantage(rewards, mask, as_index(uids), config.algorithm)
+    assert int(state()["count"]) == 1
 
 
 # ------------------------------------------------------------------------------ errors
