@@ -46,7 +46,7 @@ def check_verl_version(version: str) -> None:
     """Raise ImportError unless `version` is a verl release this integration was tested against."""
     try:
         supported = SpecifierSet(SUPPORTED_VERL).contains(version, prereleases=True)
-    except InvalidVersion:  # packaging >= 26 raises where older releases answered False
+    except InvalidVersion:  # packaging 25 raises for a version it cannot parse; 26 answers False
         supported = False
     if not supported:
         raise ImportError(
@@ -131,7 +131,7 @@ def driver_estimator(algorithm) -> bv_blend_ext.BVBlend:
     return _driver.estimator
 
 
-@torch.no_grad()
+@torch.no_grad()  # the advantages are constants of the policy loss
 def compute_bv_blend_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                                index=None, config=None, **_unused):
     """verl advantage estimator `bv_blend`: BV-Blend advantages, one per response, broadcast over

@@ -158,6 +158,29 @@ def test_empty_history_gives_verls_grpo_advantages(scale, norm_adv_by_std_in_grp
     assert float(advantages.abs().max()) > 0.5  # not trivially zero
 
 
+def test_verls_compute_advantage_calls_the_registered_estimator():
+    # The v1 trainer's compute_advantage_for_multi_trajectories hands every estimator but grpo
+    # to this function unchanged (it needs TransferQueue to import, which these tests lack).
+    from verl import DataProto
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    generator = torch.Generator().manual_seed(10)
+    rewards, mask, uids = make_batch(random_groups(generator), seed=11, pad_rows=2)
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": rewards, "response_mask": mask},
+        non_tensors={"uid": as_index(uids)})
+    config = algorithm(window=10)
+    data = compute_advantage(data, adv_estimator="bv_blend", num_repeat=4, config=config)
+    through_verl = {k: v.clone() for k, v in bv_verl._driver.estimator.state_dict().items()}
+
+    bv_verl._driver = bv_verl._Driver()
+    direct = compute_bv_blend_advantage(rewards, mask, as_index(uids), config)[0]
+    assert torch.equal(data.batch["advantages"], direct)
+    assert torch.equal(data.batch["returns"], direct)
+    assert all(torch.equal(v, through_verl[k])
+               for k, v in bv_verl._driver.estimator.state_dict().items())
+
+
 def test_padding_rows_get_zero_and_stay_out_of_the_history():
     generator = torch.Generator().manual_seed(3)
     groups = random_groups(generator)
