@@ -412,7 +412,7 @@ def test_the_documented_run_configures_the_estimator_and_the_callback(tmp_path, 
     ({"scale": "std"}, r"algorithm\.bv_blend\.scale must be one of"),
     ({"initial_baseline": float("inf")}, r"algorithm\.bv_blend\.initial_baseline"),
     ({"windw": 10}, r"algorithm\.bv_blend\.windw is not a setting of the bv_blend estimator"),
-])
+], ids=["window", "ema_decay", "min_history", "eps", "scale", "initial_baseline", "unknown"])
 def test_bad_settings_name_the_setting_at_the_first_call(settings, message):
     rewards, mask, uids = make_batch([[0.0, 1.0]], seed=0)
     with pytest.raises(ValueError, match=message):
