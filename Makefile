@@ -16,9 +16,9 @@ export MAX_JOBS ?= 2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test build ctest pytest train bench gpu-check clean
+.PHONY: test build ctest pytest test-verl train bench gpu-check clean
 
-test: ctest pytest
+test: ctest pytest test-verl
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,30 @@ ctest: build
 
 pytest: build
 	$(PY) -m pytest -q
+
+# The verl integration is tested in its own venv: verl pins a transformers that the TRL in .venv
+# cannot share. Same torch as .venv, so the extension built in place above loads there as is: the
+# package reaches .venv-verl through a .pth (the checkout and python/ on sys.path) plus its
+# egg-info metadata, which carries the verl.plugins entry point that `import verl` looks up.
+# (`pip install -e .` there would compile the extension a second time.) cachetools, fastapi and
+# uvicorn: verl's trainer imports them without declaring them; setup.py's [verl] extra lists all.
+VERL_VENV := .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.bv-blend-installed
+VERL_VERSION ?= 0.9.1
+
+$(VERL_STAMP): setup.py pyproject.toml
+	test -x $(VERL_PY) || python3 -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q torch==$(TORCH_VERSION) verl==$(VERL_VERSION) cachetools fastapi \
+		uvicorn pytest setuptools
+	site=$$($(VERL_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') && \
+		$(VERL_PY) setup.py -q egg_info --egg-base "$$site" && \
+		printf '%s\n' "$(CURDIR)" "$(CURDIR)/python" > "$$site/bv-blend-ext.pth"
+	touch $@
+
+test-verl: build $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q tests/app/test_verl.py
 
 train: build
 	$(PY) -m bv_blend train --config configs/train_default.yaml

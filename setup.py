@@ -46,11 +46,16 @@ setup(
         "train": ["transformers>=4.56", "tokenizers", "tqdm", "matplotlib", "pyyaml",
                   "tensorboard"],
         "trl": ["trl>=1.16,<1.17", "accelerate", "datasets"],
+        # verl does not declare cachetools, fastapi and uvicorn, which its PPO trainer imports.
+        "verl": ["verl>=0.9.1,<0.10", "cachetools", "fastapi", "uvicorn"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ninja", "pybind11",
                 "transformers>=4.56", "tokenizers", "datasets", "tqdm", "matplotlib", "pyyaml",
                 "tensorboard", "trl>=1.16,<1.17", "accelerate"],
     },
-    entry_points={"console_scripts": ["bv-blend = bv_blend.cli:main"]},
+    entry_points={"console_scripts": ["bv-blend = bv_blend.cli:main"],
+                  # `import verl` imports every verl.plugins entry point: this registers the
+                  # `bv_blend` advantage estimator (algorithm.adv_estimator=bv_blend).
+                  "verl.plugins": ["bv_blend = bv_blend.verl"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
