@@ -181,6 +181,125 @@ std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, in
   return {sum_grad, sum_centered};
 }
 
+// ---- Fixed group sizes: one group per lane ----------------------------------------------------
+// For a fixed group size K that is a multiple of the lane count W (and rewards already in acc_t:
+// float32 or float64), W consecutive groups are processed together. Each group's sums are
+// formed exactly as group_moments / grad_moments form them (lane l of the group adds the group's
+// rewards l, l + W, l + 2W, ... to 0, then the lanes combine pairwise); a W x W transpose then puts
+// the W groups' lane sums side by side, so the pairwise combine, the blend math (blend_lanes /
+// gradient_lanes) and the writes run on all W groups at once. Every result is bitwise the one
+// the per-group path computes. A block with a non-finite reward (or a sum that overflowed) is
+// handed back to the per-group path, which masks.
+
+template <typename acc_t>
+struct VectorOps {
+  using vec = typename Lanes<acc_t>::vec;
+  template <typename M>
+  static vec select(M mask, vec a, vec b) {
+    return mask ? a : b;
+  }
+  static vec sqrt(vec x) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return __builtin_ia32_sqrtps(x);
+    } else {
+      return __builtin_ia32_sqrtpd(x);
+    }
+#else
+    for (int l = 0; l < Lanes<acc_t>::size; ++l) x[l] = std::sqrt(x[l]);
+    return x;
+#endif
+  }
+};
+
+// True when group size K runs on the block path for rewards of type scalar_t.
+template <int K, typename scalar_t>
+constexpr bool kBlockPath = std::is_same_v<scalar_t, accumulate_t<scalar_t>> && K > 0 &&
+                            K % Lanes<accumulate_t<scalar_t>>::size == 0;
+
+// Transposes W lane vectors in place: afterwards v[l][g] is what v[g][l] was.
+template <typename vec>
+inline void transpose_lanes(vec* v) {
+  constexpr int W = sizeof(vec) / sizeof(v[0][0]);
+  if constexpr (W == 4) {
+    const vec t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 1, 5);
+    const vec t1 = __builtin_shufflevector(v[0], v[1], 2, 6, 3, 7);
+    const vec t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 1, 5);
+    const vec t3 = __builtin_shufflevector(v[2], v[3], 2, 6, 3, 7);
+    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    v[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    v[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+  } else {
+    static_assert(W == 2);
+    const vec t0 = __builtin_shufflevector(v[0], v[1], 0, 2);
+    v[1] = __builtin_shufflevector(v[0], v[1], 1, 3);
+    v[0] = t0;
+  }
+}
+
+// For the W groups of K rewards at p: lane g of the result is 0 + combine(lane sums of
+// term(j, g)) over the group's vectors j = 0, W, 2W, ...: group_moments' order for each group.
+template <int K, typename acc_t, typename Term>
+inline typename Lanes<acc_t>::vec block_sum(const Term& term) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  constexpr int W = L::size;
+  vec s[W];
+  for (int g = 0; g < W; ++g) {
+    vec acc = {};
+    for (int j = 0; j < K; j += W) acc += term(g * K + j, g);
+    s[g] = acc;
+  }
+  transpose_lanes(s);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) s[l] += s[l + width];
+  }
+  return vec{} + s[0];
+}
+
+template <typename acc_t>
+inline typename Lanes<acc_t>::vec load_lanes(const acc_t* p) {
+  typename Lanes<acc_t>::vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store_lanes(acc_t* p, typename Lanes<acc_t>::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline bool all_finite(typename Lanes<acc_t>::vec v) {
+  const auto finite = Lanes<acc_t>::finite(v);
+  for (int l = 0; l < Lanes<acc_t>::size; ++l) {
+    if (!finite[l]) return false;
+  }
+  return true;
+}
+
+// Count, mean and sum of squared deviations of W groups of K rewards, all finite: false (and
+// nothing computed) when some reward is not finite.
+template <int K, typename acc_t>
+struct BlockMoments {
+  using vec = typename Lanes<acc_t>::vec;
+  vec mean, sq_dev;
+
+  bool compute(const acc_t* r) {
+    const vec total = block_sum<K, acc_t>([&](int i, int) { return load_lanes(r + i); });
+    // A non-finite reward makes its group's sum NaN or ±inf; finite rewards whose sum overflows
+    // also take the per-group path, which gives them the same bits it always did.
+    if (!all_finite<acc_t>(total)) return false;
+    mean = total / acc_t(K);
+    sq_dev = block_sum<K, acc_t>([&](int i, int g) {
+      const vec d = load_lanes(r + i) - mean[g];
+      return d * d;
+    });
+    return true;
+  }
+};
+
 // Calls body(std::integral_constant<int, K>) with K = group_size for the common fixed sizes and
 // K = 0 (sizes read at run time) for the rest and for ragged groups.
 template <typename Body>
@@ -276,15 +395,27 @@ void zero_uncovered(const GroupInputs& in, scalar_t* out) {
 
 // Calls body(static_size, group, start, n) for every group, in parallel over groups; n is the
 // group's length, a compile-time constant (decltype(static_size)::value) for common fixed sizes.
-template <typename Body>
-void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Body& body) {
+// Where kBlockPath<K, scalar_t>, runs of W groups go to block(static_size, first_group) first,
+// which returns false to have body handle them one by one. Which groups form a block depends on
+// the thread count, but a group's results do not depend on the path.
+template <typename scalar_t, typename Block, typename Body>
+void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block& block,
+                          const Body& body) {
   const int64_t* offsets = in.offsets_ptr();
   const int64_t num_rewards = in.rewards.numel();
   with_static_group_size(offsets, group_size, [&](auto static_size) {
     constexpr int K = decltype(static_size)::value;
     at::parallel_for(0, in.num_groups, group_grain(num_rewards, in.num_groups),
                      [&](int64_t first, int64_t last) {
-      for (int64_t g = first; g < last; ++g) {
+      int64_t g = first;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        constexpr int W = Lanes<scalar_t>::size;
+        for (; g + W <= last; g += W) {
+          if (block(static_size, g)) continue;
+          for (int h = 0; h < W; ++h) body(static_size, g + h, (g + h) * K, int64_t(K));
+        }
+      }
+      for (; g < last; ++g) {
         int64_t start, end;
         group_bounds(offsets, group_size, g, start, end);
         body(static_size, g, start, K > 0 ? K : end - start);
@@ -317,7 +448,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     acc_t* std_out = group_std.data_ptr<acc_t>();
     acc_t* beta_out = beta.data_ptr<acc_t>();
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
+    auto block = [&](auto static_size, int64_t g0) {
+      constexpr int K = decltype(static_size)::value;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        using vec = typename L::vec;
+        const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
+        BlockMoments<K, acc_t> m;
+        if (!m.compute(rb)) return false;
+        const auto b = blend_lanes<VectorOps<acc_t>>(vec{} + acc_t(K - 1), m.mean, m.sq_dev,
+                                                     history.mean, history.var, acc_t(eps),
+                                                     in.mode, acc_t(batch_scale));
+        store_lanes(mean_out + g0, m.mean);
+        store_lanes(std_out + g0, VectorOps<acc_t>::sqrt(b.var));
+        store_lanes(beta_out + g0, b.beta);
+        acc_t* ab = reinterpret_cast<acc_t*>(adv) + g0 * K;
+        for (int h = 0; h < L::size; ++h) {
+          const acc_t baseline = b.baseline[h], inv_scale = b.inv_scale[h];
+          for (int j = 0; j < K; j += L::size) {
+            store_lanes(ab + h * K + j, (load_lanes(rb + h * K + j) - baseline) * inv_scale);
+          }
+        }
+        return true;
+      }
+      return false;
+    };
+    parallel_over_groups<scalar_t>(in, group_size, block, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
       if (m.count == 0) {
@@ -373,7 +528,43 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
     zero_uncovered(in, out);
-    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
+    auto block = [&](auto static_size, int64_t g0) {
+      constexpr int K = decltype(static_size)::value;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        using vec = typename L::vec;
+        const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
+        const acc_t* gb = reinterpret_cast<const acc_t*>(gr) + g0 * K;
+        BlockMoments<K, acc_t> m;
+        if (!m.compute(rb)) return false;
+        const vec sum_grad = block_sum<K, acc_t>([&](int i, int) { return load_lanes(gb + i); });
+        const vec sum_grad_centered = block_sum<K, acc_t>([&](int i, int h) {
+          return load_lanes(gb + i) * (load_lanes(rb + i) - m.mean[h]);
+        });
+        const vec count_minus_one = vec{} + acc_t(K - 1);
+        const auto b = blend_lanes<VectorOps<acc_t>>(count_minus_one, m.mean, m.sq_dev,
+                                                     history.mean, history.var, acc_t(eps),
+                                                     in.mode, acc_t(batch_scale));
+        const auto c = gradient_lanes<VectorOps<acc_t>>(b, vec{} + acc_t(K), count_minus_one,
+                                                        m.mean, history.mean, history.var,
+                                                        in.mode, sum_grad, sum_grad_centered);
+        const vec batch_coef_lanes =
+            VectorOps<acc_t>::select(b.usable, vec{} + acc_t(batch_coef), vec{});
+        acc_t* ob = reinterpret_cast<acc_t*>(out) + g0 * K;
+        for (int h = 0; h < L::size; ++h) {
+          const acc_t self = c.self[h], shift = c.shift[h], deviation = c.deviation[h],
+                      mean = m.mean[h], coef = batch_coef_lanes[h];
+          for (int j = 0; j < K; j += L::size) {
+            const vec v = load_lanes(rb + h * K + j);
+            store_lanes(ob + h * K + j, self * load_lanes(gb + h * K + j) + shift +
+                                            deviation * (v - mean) +
+                                            coef * (v - acc_t(batch_mean)));
+          }
+        }
+        return true;
+      }
+      return false;
+    };
+    parallel_over_groups<scalar_t>(in, group_size, block, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
       if (m.count == 0) {
