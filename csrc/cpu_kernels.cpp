@@ -258,6 +258,35 @@ inline typename Lanes<acc_t>::vec block_sum(const Term& term) {
   return vec{} + s[0];
 }
 
+// block_sum of two terms at once: terms(i, g) returns both as a pair.
+template <int K, typename acc_t, typename Terms>
+inline std::pair<typename Lanes<acc_t>::vec, typename Lanes<acc_t>::vec> block_sum2(
+    const Terms& terms) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  constexpr int W = L::size;
+  vec s[W], t[W];
+  for (int g = 0; g < W; ++g) {
+    vec sum_a = {}, sum_b = {};
+    for (int j = 0; j < K; j += W) {
+      const auto [a, b] = terms(g * K + j, g);
+      sum_a += a;
+      sum_b += b;
+    }
+    s[g] = sum_a;
+    t[g] = sum_b;
+  }
+  transpose_lanes(s);
+  transpose_lanes(t);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      s[l] += s[l + width];
+      t[l] += t[l + width];
+    }
+  }
+  return {vec{} + s[0], vec{} + t[0]};
+}
+
 template <typename acc_t>
 inline typename Lanes<acc_t>::vec load_lanes(const acc_t* p) {
   typename Lanes<acc_t>::vec v;
@@ -536,9 +565,9 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
         const acc_t* gb = reinterpret_cast<const acc_t*>(gr) + g0 * K;
         BlockMoments<K, acc_t> m;
         if (!m.compute(rb)) return false;
-        const vec sum_grad = block_sum<K, acc_t>([&](int i, int) { return load_lanes(gb + i); });
-        const vec sum_grad_centered = block_sum<K, acc_t>([&](int i, int h) {
-          return load_lanes(gb + i) * (load_lanes(rb + i) - m.mean[h]);
+        const auto [sum_grad, sum_grad_centered] = block_sum2<K, acc_t>([&](int i, int h) {
+          const vec g = load_lanes(gb + i);
+          return std::pair<vec, vec>{g, g * (load_lanes(rb + i) - m.mean[h])};
         });
         const vec count_minus_one = vec{} + acc_t(K - 1);
         const auto b = blend_lanes<VectorOps<acc_t>>(count_minus_one, m.mean, m.sq_dev,
@@ -599,13 +628,19 @@ template <typename acc_t>
 void push_group_means(const acc_t* means, int64_t num_groups, double* ring, int64_t window,
                       int64_t& count, double& ema, double alpha) {
   uint64_t pushed = count < 0 ? 0 : static_cast<uint64_t>(count);
+  // The slot is pushed % window, kept as a counter (no division per group).
+  uint64_t slot = pushed % static_cast<uint64_t>(window);
+  const double keep = 1.0 - alpha;
+  double h = ema;
   for (int64_t g = 0; g < num_groups; ++g) {
     const double mu = static_cast<double>(means[g]);
-    if (!std::isfinite(mu)) continue;
-    ring[pushed % static_cast<uint64_t>(window)] = mu;
+    if (!is_finite(mu)) continue;
+    ring[slot] = mu;
+    if (++slot == static_cast<uint64_t>(window)) slot = 0;
     ++pushed;
-    ema = (1.0 - alpha) * ema + alpha * mu;
+    h = keep * h + alpha * mu;
   }
+  ema = h;
   constexpr auto kMaxCount = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   count = static_cast<int64_t>(std::min(pushed, kMaxCount));
 }
