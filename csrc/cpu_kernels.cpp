@@ -1,11 +1,15 @@
 // CPU implementations: at::parallel_for over groups. Each group is reduced sequentially by one
 // thread, so results are bitwise independent of the thread count.
+// (-Wpsabi: blend_lanes returns 32-byte vectors to the AVX2 path below, which inlines it; GCC
+// warns about the ABI of an out-of-line call that never happens.)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -329,6 +333,194 @@ struct BlockMoments {
   }
 };
 
+// ---- float32 with AVX2: eight groups at once -------------------------------------------------
+// The same sums as above, but a 256-bit vector holds the same 4-lane chunk of two groups, p and
+// p + 4 (lanes 0-3 and 4-7): each half does exactly what the 16-byte path does for its group, and
+// the in-lane transpose leaves groups 0..7 in lanes 0..7. Compiled for AVX2 (without FMA, so no
+// product is fused into a sum and every rounding stays the one above) and used only where the CPU
+// has it; everything it calls is inlined into it (flatten), so nothing compiled for AVX2 leaks
+// into code that runs elsewhere. BV_BLEND_CPU_AVX2=0 in the environment turns it off (tests
+// compare both).
+#if defined(__x86_64__)
+#define BVB_CPU_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+typedef int ivec8 __attribute__((vector_size(32)));
+
+struct Ops {
+  template <typename M>
+  static vec8 select(M mask, vec8 a, vec8 b) {
+    return mask ? a : b;
+  }
+  static vec8 sqrt(vec8 x) { return __builtin_ia32_sqrtps256(x); }
+};
+
+inline vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Chunk j (4 rewards) of groups p (low half) and p + 4 (high half), groups of K rewards at base.
+template <int K>
+inline vec8 load_pair(const float* base, int p, int j) {
+  vec4 lo, hi;
+  std::memcpy(&lo, base + p * K + 4 * j, sizeof(lo));
+  std::memcpy(&hi, base + (p + 4) * K + 4 * j, sizeof(hi));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+template <int K>
+inline void store_pair(float* base, int p, int j, vec8 v) {
+  const vec4 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  const vec4 hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  std::memcpy(base + p * K + 4 * j, &lo, sizeof(lo));
+  std::memcpy(base + (p + 4) * K + 4 * j, &hi, sizeof(hi));
+}
+
+// Lane p of v in the low half and lane p + 4 in the high half: a per-group value for pair p.
+inline vec8 spread(vec8 v, int p) {
+  const ivec8 index = {p, p, p, p, p + 4, p + 4, p + 4, p + 4};
+  return __builtin_shuffle(v, index);
+}
+
+// Lane g: 0 + the pairwise combine of group g's lane sums of term(p, j), as block_sum.
+template <int K, typename Term>
+inline vec8 block_sum(const Term& term) {
+  vec8 s[4];
+  for (int p = 0; p < 4; ++p) {
+    vec8 acc = {};
+    for (int j = 0; j < K / 4; ++j) acc += term(p, j);
+    s[p] = acc;
+  }
+  const vec8 t0 = __builtin_shufflevector(s[0], s[1], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vec8 t1 = __builtin_shufflevector(s[0], s[1], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vec8 t2 = __builtin_shufflevector(s[2], s[3], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vec8 t3 = __builtin_shufflevector(s[2], s[3], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vec8 lane0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vec8 lane1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vec8 lane2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vec8 lane3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  return vec8{} + ((lane0 + lane2) + (lane1 + lane3));
+}
+
+inline bool all_finite(vec8 v) {
+  const ivec8 finite = v - v == vec8{};
+  return __builtin_ia32_movmskps256(reinterpret_cast<vec8>(finite)) == 0xff;
+}
+
+// Mean and sum of squared deviations of 8 groups of K finite rewards; false if one is not.
+template <int K>
+inline bool moments(const float* r, vec8& mean, vec8& sq_dev) {
+  const vec8 total = block_sum<K>([&](int p, int j) { return load_pair<K>(r, p, j); });
+  if (!all_finite(total)) return false;
+  mean = total / float(K);
+  const vec8 m = mean;
+  sq_dev = block_sum<K>([&](int p, int j) {
+    const vec8 d = load_pair<K>(r, p, j) - spread(m, p);
+    return d * d;
+  });
+  return true;
+}
+
+template <int K>
+__attribute__((flatten)) bool forward_block(const float* r, float* adv, float* mean_out,
+                                            float* std_out, float* beta_out, float hist_mean,
+                                            float hist_var, float eps, ScaleMode mode,
+                                            float batch_scale) {
+  vec8 mean, sq_dev;
+  if (!moments<K>(r, mean, sq_dev)) return false;
+  const auto b = blend_lanes<Ops>(vec8{} + float(K - 1), mean, sq_dev, hist_mean, hist_var, eps,
+                                  mode, batch_scale);
+  store8(mean_out, mean);
+  store8(std_out, Ops::sqrt(b.var));
+  store8(beta_out, b.beta);
+  for (int p = 0; p < 4; ++p) {
+    const vec8 baseline = spread(b.baseline, p), inv_scale = spread(b.inv_scale, p);
+    for (int j = 0; j < K / 4; ++j) {
+      store_pair<K>(adv, p, j, (load_pair<K>(r, p, j) - baseline) * inv_scale);
+    }
+  }
+  return true;
+}
+
+template <int K>
+__attribute__((flatten)) bool backward_block(const float* r, const float* grad, float* out,
+                                             float hist_mean, float hist_var, float eps,
+                                             ScaleMode mode, float batch_scale, float batch_mean,
+                                             float batch_coef) {
+  vec8 mean, sq_dev;
+  if (!moments<K>(r, mean, sq_dev)) return false;
+  vec8 sum_grad = {}, sum_grad_centered = {};
+  {
+    // block_sum of two terms in one pass.
+    vec8 s[4], c[4];
+    for (int p = 0; p < 4; ++p) {
+      const vec8 m = spread(mean, p);
+      vec8 acc_s = {}, acc_c = {};
+      for (int j = 0; j < K / 4; ++j) {
+        const vec8 g = load_pair<K>(grad, p, j);
+        acc_s += g;
+        acc_c += g * (load_pair<K>(r, p, j) - m);
+      }
+      s[p] = acc_s;
+      c[p] = acc_c;
+    }
+    sum_grad = block_sum<4>([&](int p, int) { return s[p]; });
+    sum_grad_centered = block_sum<4>([&](int p, int) { return c[p]; });
+  }
+  const vec8 count_minus_one = vec8{} + float(K - 1);
+  const auto b = blend_lanes<Ops>(count_minus_one, mean, sq_dev, hist_mean, hist_var, eps, mode,
+                                  batch_scale);
+  const auto c = gradient_lanes<Ops>(b, vec8{} + float(K), count_minus_one, mean, hist_mean,
+                                     hist_var, mode, sum_grad, sum_grad_centered);
+  const vec8 coef = Ops::select(b.usable, vec8{} + batch_coef, vec8{});
+  for (int p = 0; p < 4; ++p) {
+    const vec8 self = spread(c.self, p), shift = spread(c.shift, p),
+               deviation = spread(c.deviation, p), m = spread(mean, p), k = spread(coef, p);
+    for (int j = 0; j < K / 4; ++j) {
+      const vec8 v = load_pair<K>(r, p, j);
+      store_pair<K>(out, p, j, self * load_pair<K>(grad, p, j) + shift + deviation * (v - m) +
+                                   k * (v - batch_mean));
+    }
+  }
+  return true;
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Whether the AVX2 path runs: the CPU has AVX2 and BV_BLEND_CPU_AVX2 is not "0".
+bool use_avx2() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("BV_BLEND_CPU_AVX2");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+#if defined(BVB_CPU_AVX2)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+// Groups per block for rewards of scalar_t: 8 float32 groups with AVX2, else one per lane.
+template <typename scalar_t>
+int64_t block_groups() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2()) return 8;
+  }
+  return Lanes<accumulate_t<scalar_t>>::size;
+}
+
 // Calls body(std::integral_constant<int, K>) with K = group_size for the common fixed sizes and
 // K = 0 (sizes read at run time) for the rest and for ragged groups.
 template <typename Body>
@@ -424,7 +616,8 @@ void zero_uncovered(const GroupInputs& in, scalar_t* out) {
 
 // Calls body(static_size, group, start, n) for every group, in parallel over groups; n is the
 // group's length, a compile-time constant (decltype(static_size)::value) for common fixed sizes.
-// Where kBlockPath<K, scalar_t>, runs of W groups go to block(static_size, first_group) first,
+// Where kBlockPath<K, scalar_t>, runs of block_groups<scalar_t>() groups go to
+// block(static_size, first_group) first,
 // which returns false to have body handle them one by one. Which groups form a block depends on
 // the thread count, but a group's results do not depend on the path.
 template <typename scalar_t, typename Block, typename Body>
@@ -438,10 +631,10 @@ void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block
                      [&](int64_t first, int64_t last) {
       int64_t g = first;
       if constexpr (kBlockPath<K, scalar_t>) {
-        constexpr int W = Lanes<scalar_t>::size;
+        const int64_t W = block_groups<scalar_t>();
         for (; g + W <= last; g += W) {
           if (block(static_size, g)) continue;
-          for (int h = 0; h < W; ++h) body(static_size, g + h, (g + h) * K, int64_t(K));
+          for (int64_t h = 0; h < W; ++h) body(static_size, g + h, (g + h) * K, int64_t(K));
         }
       }
       for (; g < last; ++g) {
@@ -482,6 +675,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
       if constexpr (kBlockPath<K, scalar_t>) {
         using vec = typename L::vec;
         const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
+#if defined(BVB_CPU_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx2()) {
+            return avx2::forward_block<K>(rb, reinterpret_cast<float*>(adv) + g0 * K,
+                                          mean_out + g0, std_out + g0, beta_out + g0,
+                                          history.mean, history.var, acc_t(eps), in.mode,
+                                          acc_t(batch_scale));
+          }
+        }
+#endif
         BlockMoments<K, acc_t> m;
         if (!m.compute(rb)) return false;
         const auto b = blend_lanes<VectorOps<acc_t>>(vec{} + acc_t(K - 1), m.mean, m.sq_dev,
@@ -563,6 +766,16 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
         using vec = typename L::vec;
         const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
         const acc_t* gb = reinterpret_cast<const acc_t*>(gr) + g0 * K;
+#if defined(BVB_CPU_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx2()) {
+            return avx2::backward_block<K>(rb, gb, reinterpret_cast<float*>(out) + g0 * K,
+                                           history.mean, history.var, acc_t(eps), in.mode,
+                                           acc_t(batch_scale), acc_t(batch_mean),
+                                           acc_t(batch_coef));
+          }
+        }
+#endif
         BlockMoments<K, acc_t> m;
         if (!m.compute(rb)) return false;
         const auto [sum_grad, sum_grad_centered] = block_sum2<K, acc_t>([&](int i, int h) {
