@@ -1,5 +1,8 @@
-// CPU implementations: at::parallel_for over groups. Each group is reduced sequentially by one
-// thread, so results are bitwise independent of the thread count.
+// CPU implementations: at::parallel_for over groups. Each group is reduced by one thread in a
+// fixed order, so results are bitwise independent of the thread count. Fixed group sizes with
+// float32/float64 rewards run several groups at once, one per SIMD lane (16-byte vectors, or
+// 32-byte AVX2 vectors for float32 where the CPU has AVX2), with the per-group path's summation
+// order, so that they give the per-group path's bits (see "Fixed group sizes" below).
 // (-Wpsabi: blend_lanes returns 32-byte vectors to the AVX2 path below, which inlines it; GCC
 // warns about the ABI of an out-of-line call that never happens.)
 #pragma GCC diagnostic ignored "-Wpsabi"
