@@ -72,6 +72,56 @@ BVB_HOST_DEVICE acc_t batch_scale_coefficient(acc_t grad_dot_adv, acc_t count, a
   return std > acc_t(0) ? -grad_dot_adv / (std + eps) / ((count - acc_t(1)) * std) : acc_t(0);
 }
 
+// The formulas of blend_group and group_gradient are written once, for a value type `V` that is
+// either acc_t (one group: the CUDA kernels and the CPU's general path) or a CPU SIMD vector of
+// acc_t holding one group per lane (the CPU's fixed-size path). `Ops` supplies the two operations
+// whose spelling differs: select(mask, a, b) (both arms are evaluated; the unselected one may be
+// NaN or inf, never trapped) and sqrt. The lanes compute exactly the scalar operations, so both
+// CPU paths give the same bits.
+template <typename acc_t>
+struct ScalarOps {
+  BVB_HOST_DEVICE static acc_t select(bool mask, acc_t a, acc_t b) { return mask ? a : b; }
+  BVB_HOST_DEVICE static acc_t sqrt(acc_t x) { return std::sqrt(x); }
+};
+
+template <typename V, typename M>
+struct BlendLanes {
+  V var, beta, baseline, scale, inv_scale;
+  M usable;
+};
+
+// count_minus_one: the number of valid rewards minus one, in acc_t (at least 0).
+template <typename Ops, typename V, typename acc_t>
+BVB_HOST_DEVICE BlendLanes<V, decltype(V{} > V{})> blend_lanes(
+    V count_minus_one, V mean, V sq_dev, acc_t hist_mean, acc_t hist_var, acc_t eps,
+    ScaleMode mode, acc_t batch_scale) {
+  const V zero{};
+  BlendLanes<V, decltype(V{} > V{})> g;
+  g.var = Ops::select(count_minus_one >= acc_t(1), sq_dev / count_minus_one, zero);
+  const V total = hist_var + g.var;
+  g.beta = Ops::select(total > acc_t(0), hist_var / total, zero);
+  g.baseline = (acc_t(1) - g.beta) * mean + g.beta * hist_mean;
+  switch (mode) {
+    case ScaleMode::Group:
+      g.scale = Ops::sqrt(g.var) + eps;
+      break;
+    case ScaleMode::Blend:
+      g.scale = Ops::sqrt((acc_t(1) - g.beta) * g.var + g.beta * hist_var) + eps;
+      break;
+    case ScaleMode::Batch:
+      g.scale = zero + batch_scale;  // batch_scale >= +0, so adding +0 keeps its bits
+      break;
+    default:
+      g.scale = zero + acc_t(1);
+  }
+  // is_finite, spelled so that it also applies lane-wise.
+  g.usable = (g.scale > acc_t(0)) & (g.scale - g.scale == acc_t(0)) &
+             (g.baseline - g.baseline == acc_t(0));
+  g.inv_scale = Ops::select(g.usable, acc_t(1) / g.scale, zero);
+  g.baseline = Ops::select(g.usable, g.baseline, zero);
+  return g;
+}
+
 template <typename acc_t>
 struct GroupBlend {
   int64_t count;    // valid (finite) rewards
@@ -95,29 +145,17 @@ template <typename acc_t>
 BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t sq_dev,
                                               acc_t hist_mean, acc_t hist_var, acc_t eps,
                                               ScaleMode mode, acc_t batch_scale) {
+  const auto l = blend_lanes<ScalarOps<acc_t>>(acc_t(count > 0 ? count - 1 : 0), mean, sq_dev,
+                                               hist_mean, hist_var, eps, mode, batch_scale);
   GroupBlend<acc_t> g;
   g.count = count;
   g.mean = mean;
-  g.var = count >= 2 ? sq_dev / acc_t(count - 1) : acc_t(0);
-  const acc_t total = hist_var + g.var;
-  g.beta = total > acc_t(0) ? hist_var / total : acc_t(0);
-  g.baseline = (acc_t(1) - g.beta) * mean + g.beta * hist_mean;
-  switch (mode) {
-    case ScaleMode::Group:
-      g.scale = std::sqrt(g.var) + eps;
-      break;
-    case ScaleMode::Blend:
-      g.scale = std::sqrt((acc_t(1) - g.beta) * g.var + g.beta * hist_var) + eps;
-      break;
-    case ScaleMode::Batch:
-      g.scale = batch_scale;
-      break;
-    default:
-      g.scale = acc_t(1);
-  }
-  g.usable = g.scale > acc_t(0) && is_finite(g.scale) && is_finite(g.baseline);
-  g.inv_scale = g.usable ? acc_t(1) / g.scale : acc_t(0);
-  if (!g.usable) g.baseline = acc_t(0);
+  g.var = l.var;
+  g.beta = l.beta;
+  g.baseline = l.baseline;
+  g.scale = l.scale;
+  g.inv_scale = l.inv_scale;
+  g.usable = l.usable;
   return g;
 }
 
@@ -128,6 +166,47 @@ BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t s
 //   dL/dr_j = g_j/s - Σg·(1-β)/(n s) - [Σg·(H-μ)·β'/s + Σg(r-B)·s'/s²] · 2(r_j-μ)/(n-1)
 // where β' = dβ/dσ² and s' = ds/dσ². The history statistics are constants. An unusable group's
 // advantages are the constant 0, so its gradient is 0.
+template <typename V>
+struct GradientLanes {
+  V self;
+  V shift;
+  V deviation;
+};
+
+// The lane form of group_gradient (see blend_lanes): count and count_minus_one in acc_t.
+template <typename Ops, typename V, typename M, typename acc_t>
+BVB_HOST_DEVICE GradientLanes<V> gradient_lanes(const BlendLanes<V, M>& g, V count,
+                                                V count_minus_one, V mean, acc_t hist_mean,
+                                                acc_t hist_var, ScaleMode mode, V sum_grad,
+                                                V sum_grad_centered) {
+  const V zero{};
+  GradientLanes<V> out;
+  const V inv_scale = g.inv_scale;  // 0 when the group is not usable
+  out.self = inv_scale;
+  out.shift = Ops::select(g.usable, -sum_grad * (acc_t(1) - g.beta) * inv_scale / count, zero);
+
+  const V total = hist_var + g.var;
+  const V dbeta = Ops::select(total > acc_t(0), -hist_var / (total * total), zero);
+  V dscale = zero;
+  if (mode == ScaleMode::Group) {
+    const V sd = Ops::sqrt(g.var);
+    dscale = Ops::select(sd > acc_t(0), acc_t(0.5) / sd, zero);
+  } else if (mode == ScaleMode::Blend) {
+    const V q = (acc_t(1) - g.beta) * g.var + g.beta * hist_var;
+    const V dq = (g.var * g.var + acc_t(2) * hist_var * g.var - hist_var * hist_var) /
+                 (total * total);
+    dscale = Ops::select((q > acc_t(0)) & (total > acc_t(0)), dq * acc_t(0.5) / Ops::sqrt(q),
+                         zero);
+  }
+  // Σ g_i (r_i - B) from Σ g_i (r_i - μ), which the kernels accumulate without cancellation.
+  const V sum_grad_residual = sum_grad_centered + (mean - g.baseline) * sum_grad;
+  const V deviation = -(sum_grad * (hist_mean - mean) * dbeta * inv_scale +
+                        sum_grad_residual * dscale * inv_scale * inv_scale) *
+                      acc_t(2) / count_minus_one;
+  out.deviation = Ops::select(g.usable & (count_minus_one >= acc_t(1)), deviation, zero);
+  return out;
+}
+
 template <typename acc_t>
 struct GroupGradient {
   acc_t self;
@@ -139,33 +218,17 @@ template <typename acc_t>
 BVB_HOST_DEVICE GroupGradient<acc_t> group_gradient(const GroupBlend<acc_t>& g, acc_t hist_mean,
                                                     acc_t hist_var, ScaleMode mode, acc_t sum_grad,
                                                     acc_t sum_grad_centered) {
-  GroupGradient<acc_t> out{acc_t(0), acc_t(0), acc_t(0)};
-  if (!g.usable) return out;
-  const acc_t inv_scale = g.inv_scale;
-  out.self = inv_scale;
-  out.shift = -sum_grad * (acc_t(1) - g.beta) * inv_scale / acc_t(g.count);
-  if (g.count < 2) return out;
-
-  const acc_t total = hist_var + g.var;
-  const acc_t dbeta = total > acc_t(0) ? -hist_var / (total * total) : acc_t(0);
-  acc_t dscale = acc_t(0);
-  if (mode == ScaleMode::Group) {
-    const acc_t sd = std::sqrt(g.var);
-    dscale = sd > acc_t(0) ? acc_t(0.5) / sd : acc_t(0);
-  } else if (mode == ScaleMode::Blend) {
-    const acc_t q = (acc_t(1) - g.beta) * g.var + g.beta * hist_var;
-    if (q > acc_t(0) && total > acc_t(0)) {
-      const acc_t dq = (g.var * g.var + acc_t(2) * hist_var * g.var - hist_var * hist_var) /
-                       (total * total);
-      dscale = dq * acc_t(0.5) / std::sqrt(q);
-    }
-  }
-  // Σ g_i (r_i - B) from Σ g_i (r_i - μ), which the kernels accumulate without cancellation.
-  const acc_t sum_grad_residual = sum_grad_centered + (g.mean - g.baseline) * sum_grad;
-  out.deviation = -(sum_grad * (hist_mean - g.mean) * dbeta * inv_scale +
-                    sum_grad_residual * dscale * inv_scale * inv_scale) *
-                  acc_t(2) / acc_t(g.count - 1);
-  return out;
+  BlendLanes<acc_t, bool> l;
+  l.var = g.var;
+  l.beta = g.beta;
+  l.baseline = g.baseline;
+  l.scale = g.scale;
+  l.inv_scale = g.inv_scale;
+  l.usable = g.usable;
+  const auto out = gradient_lanes<ScalarOps<acc_t>>(
+      l, acc_t(g.count), acc_t(g.count > 0 ? g.count - 1 : 0), g.mean, hist_mean, hist_var, mode,
+      sum_grad, sum_grad_centered);
+  return {out.self, out.shift, out.deviation};
 }
 
 }  // namespace bv_blend

@@ -1,11 +1,18 @@
-// CPU implementations: at::parallel_for over groups. Each group is reduced sequentially by one
-// thread, so results are bitwise independent of the thread count.
+// CPU implementations: at::parallel_for over groups. Each group is reduced by one thread in a
+// fixed order, so results are bitwise independent of the thread count. Fixed group sizes with
+// float32/float64 rewards run several groups at once, one per SIMD lane (16-byte vectors, or
+// 32-byte AVX2 vectors for float32 where the CPU has AVX2), with the per-group path's summation
+// order, so that they give the per-group path's bits (see "Fixed group sizes" below).
+// (-Wpsabi: blend_lanes returns 32-byte vectors to the AVX2 path below, which inlines it; GCC
+// warns about the ABI of an out-of-line call that never happens.)
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -181,6 +188,342 @@ std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, in
   return {sum_grad, sum_centered};
 }
 
+// ---- Fixed group sizes: one group per lane ----------------------------------------------------
+// For a fixed group size K that is a multiple of the lane count W (and rewards already in acc_t:
+// float32 or float64), W consecutive groups are processed together. Each group's sums are
+// formed exactly as group_moments / grad_moments form them (lane l of the group adds the group's
+// rewards l, l + W, l + 2W, ... to 0, then the lanes combine pairwise); a W x W transpose then puts
+// the W groups' lane sums side by side, so the pairwise combine, the blend math (blend_lanes /
+// gradient_lanes) and the writes run on all W groups at once. Every result is bitwise the one
+// the per-group path computes. A block with a non-finite reward (or a sum that overflowed) is
+// handed back to the per-group path, which masks.
+
+template <typename acc_t>
+struct VectorOps {
+  using vec = typename Lanes<acc_t>::vec;
+  template <typename M>
+  static vec select(M mask, vec a, vec b) {
+    return mask ? a : b;
+  }
+  static vec sqrt(vec x) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return __builtin_ia32_sqrtps(x);
+    } else {
+      return __builtin_ia32_sqrtpd(x);
+    }
+#else
+    for (int l = 0; l < Lanes<acc_t>::size; ++l) x[l] = std::sqrt(x[l]);
+    return x;
+#endif
+  }
+};
+
+// True when group size K runs on the block path for rewards of type scalar_t.
+template <int K, typename scalar_t>
+constexpr bool kBlockPath = std::is_same_v<scalar_t, accumulate_t<scalar_t>> && K > 0 &&
+                            K % Lanes<accumulate_t<scalar_t>>::size == 0;
+
+// Transposes W lane vectors in place: afterwards v[l][g] is what v[g][l] was.
+template <typename vec>
+inline void transpose_lanes(vec* v) {
+  constexpr int W = sizeof(vec) / sizeof(v[0][0]);
+  if constexpr (W == 4) {
+    const vec t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 1, 5);
+    const vec t1 = __builtin_shufflevector(v[0], v[1], 2, 6, 3, 7);
+    const vec t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 1, 5);
+    const vec t3 = __builtin_shufflevector(v[2], v[3], 2, 6, 3, 7);
+    v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    v[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    v[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+  } else {
+    static_assert(W == 2);
+    const vec t0 = __builtin_shufflevector(v[0], v[1], 0, 2);
+    v[1] = __builtin_shufflevector(v[0], v[1], 1, 3);
+    v[0] = t0;
+  }
+}
+
+// For the W groups of K rewards at p: lane g of the result is 0 + combine(lane sums of
+// term(j, g)) over the group's vectors j = 0, W, 2W, ...: group_moments' order for each group.
+template <int K, typename acc_t, typename Term>
+inline typename Lanes<acc_t>::vec block_sum(const Term& term) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  constexpr int W = L::size;
+  vec s[W];
+  for (int g = 0; g < W; ++g) {
+    vec acc = {};
+    for (int j = 0; j < K; j += W) acc += term(g * K + j, g);
+    s[g] = acc;
+  }
+  transpose_lanes(s);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) s[l] += s[l + width];
+  }
+  return vec{} + s[0];
+}
+
+// block_sum of two terms at once: terms(i, g) returns both as a pair.
+template <int K, typename acc_t, typename Terms>
+inline std::pair<typename Lanes<acc_t>::vec, typename Lanes<acc_t>::vec> block_sum2(
+    const Terms& terms) {
+  using L = Lanes<acc_t>;
+  using vec = typename L::vec;
+  constexpr int W = L::size;
+  vec s[W], t[W];
+  for (int g = 0; g < W; ++g) {
+    vec sum_a = {}, sum_b = {};
+    for (int j = 0; j < K; j += W) {
+      const auto [a, b] = terms(g * K + j, g);
+      sum_a += a;
+      sum_b += b;
+    }
+    s[g] = sum_a;
+    t[g] = sum_b;
+  }
+  transpose_lanes(s);
+  transpose_lanes(t);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      s[l] += s[l + width];
+      t[l] += t[l + width];
+    }
+  }
+  return {vec{} + s[0], vec{} + t[0]};
+}
+
+template <typename acc_t>
+inline typename Lanes<acc_t>::vec load_lanes(const acc_t* p) {
+  typename Lanes<acc_t>::vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+inline void store_lanes(acc_t* p, typename Lanes<acc_t>::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename acc_t>
+inline bool all_finite(typename Lanes<acc_t>::vec v) {
+  const auto finite = Lanes<acc_t>::finite(v);
+  for (int l = 0; l < Lanes<acc_t>::size; ++l) {
+    if (!finite[l]) return false;
+  }
+  return true;
+}
+
+// Count, mean and sum of squared deviations of W groups of K rewards, all finite: false (and
+// nothing computed) when some reward is not finite.
+template <int K, typename acc_t>
+struct BlockMoments {
+  using vec = typename Lanes<acc_t>::vec;
+  vec mean, sq_dev;
+
+  bool compute(const acc_t* r) {
+    const vec total = block_sum<K, acc_t>([&](int i, int) { return load_lanes(r + i); });
+    // A non-finite reward makes its group's sum NaN or ±inf; finite rewards whose sum overflows
+    // also take the per-group path, which gives them the same bits it always did.
+    if (!all_finite<acc_t>(total)) return false;
+    mean = total / acc_t(K);
+    sq_dev = block_sum<K, acc_t>([&](int i, int g) {
+      const vec d = load_lanes(r + i) - mean[g];
+      return d * d;
+    });
+    return true;
+  }
+};
+
+// ---- float32 with AVX2: eight groups at once -------------------------------------------------
+// The same sums as above, but a 256-bit vector holds the same 4-lane chunk of two groups, p and
+// p + 4 (lanes 0-3 and 4-7): each half does exactly what the 16-byte path does for its group, and
+// the in-lane transpose leaves groups 0..7 in lanes 0..7. Compiled for AVX2 (without FMA, so no
+// product is fused into a sum and every rounding stays the one above) and used only where the CPU
+// has it; everything it calls is inlined into it (flatten), so nothing compiled for AVX2 leaks
+// into code that runs elsewhere. BV_BLEND_CPU_AVX2=0 in the environment turns it off (tests
+// compare both).
+#if defined(__x86_64__)
+#define BVB_CPU_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+typedef int ivec8 __attribute__((vector_size(32)));
+
+struct Ops {
+  template <typename M>
+  static vec8 select(M mask, vec8 a, vec8 b) {
+    return mask ? a : b;
+  }
+  static vec8 sqrt(vec8 x) { return __builtin_ia32_sqrtps256(x); }
+};
+
+inline vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Chunk j (4 rewards) of groups p (low half) and p + 4 (high half), groups of K rewards at base.
+template <int K>
+inline vec8 load_pair(const float* base, int p, int j) {
+  vec4 lo, hi;
+  std::memcpy(&lo, base + p * K + 4 * j, sizeof(lo));
+  std::memcpy(&hi, base + (p + 4) * K + 4 * j, sizeof(hi));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+template <int K>
+inline void store_pair(float* base, int p, int j, vec8 v) {
+  const vec4 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  const vec4 hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  std::memcpy(base + p * K + 4 * j, &lo, sizeof(lo));
+  std::memcpy(base + (p + 4) * K + 4 * j, &hi, sizeof(hi));
+}
+
+// Lane p of v in the low half and lane p + 4 in the high half: a per-group value for pair p.
+inline vec8 spread(vec8 v, int p) {
+  const ivec8 index = {p, p, p, p, p + 4, p + 4, p + 4, p + 4};
+  return __builtin_shuffle(v, index);
+}
+
+// Lane g: 0 + the pairwise combine of group g's lane sums of term(p, j), as block_sum.
+template <int K, typename Term>
+inline vec8 block_sum(const Term& term) {
+  vec8 s[4];
+  for (int p = 0; p < 4; ++p) {
+    vec8 acc = {};
+    for (int j = 0; j < K / 4; ++j) acc += term(p, j);
+    s[p] = acc;
+  }
+  const vec8 t0 = __builtin_shufflevector(s[0], s[1], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vec8 t1 = __builtin_shufflevector(s[0], s[1], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vec8 t2 = __builtin_shufflevector(s[2], s[3], 0, 8, 1, 9, 4, 12, 5, 13);
+  const vec8 t3 = __builtin_shufflevector(s[2], s[3], 2, 10, 3, 11, 6, 14, 7, 15);
+  const vec8 lane0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vec8 lane1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vec8 lane2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  const vec8 lane3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  return vec8{} + ((lane0 + lane2) + (lane1 + lane3));
+}
+
+inline bool all_finite(vec8 v) {
+  const ivec8 finite = v - v == vec8{};
+  return __builtin_ia32_movmskps256(reinterpret_cast<vec8>(finite)) == 0xff;
+}
+
+// Mean and sum of squared deviations of 8 groups of K finite rewards; false if one is not.
+template <int K>
+inline bool moments(const float* r, vec8& mean, vec8& sq_dev) {
+  const vec8 total = block_sum<K>([&](int p, int j) { return load_pair<K>(r, p, j); });
+  if (!all_finite(total)) return false;
+  mean = total / float(K);
+  const vec8 m = mean;
+  sq_dev = block_sum<K>([&](int p, int j) {
+    const vec8 d = load_pair<K>(r, p, j) - spread(m, p);
+    return d * d;
+  });
+  return true;
+}
+
+template <int K>
+__attribute__((flatten)) bool forward_block(const float* r, float* adv, float* mean_out,
+                                            float* std_out, float* beta_out, float hist_mean,
+                                            float hist_var, float eps, ScaleMode mode,
+                                            float batch_scale) {
+  vec8 mean, sq_dev;
+  if (!moments<K>(r, mean, sq_dev)) return false;
+  const auto b = blend_lanes<Ops>(vec8{} + float(K - 1), mean, sq_dev, hist_mean, hist_var, eps,
+                                  mode, batch_scale);
+  store8(mean_out, mean);
+  store8(std_out, Ops::sqrt(b.var));
+  store8(beta_out, b.beta);
+  for (int p = 0; p < 4; ++p) {
+    const vec8 baseline = spread(b.baseline, p), inv_scale = spread(b.inv_scale, p);
+    for (int j = 0; j < K / 4; ++j) {
+      store_pair<K>(adv, p, j, (load_pair<K>(r, p, j) - baseline) * inv_scale);
+    }
+  }
+  return true;
+}
+
+template <int K>
+__attribute__((flatten)) bool backward_block(const float* r, const float* grad, float* out,
+                                             float hist_mean, float hist_var, float eps,
+                                             ScaleMode mode, float batch_scale, float batch_mean,
+                                             float batch_coef) {
+  vec8 mean, sq_dev;
+  if (!moments<K>(r, mean, sq_dev)) return false;
+  vec8 sum_grad = {}, sum_grad_centered = {};
+  {
+    // block_sum of two terms in one pass.
+    vec8 s[4], c[4];
+    for (int p = 0; p < 4; ++p) {
+      const vec8 m = spread(mean, p);
+      vec8 acc_s = {}, acc_c = {};
+      for (int j = 0; j < K / 4; ++j) {
+        const vec8 g = load_pair<K>(grad, p, j);
+        acc_s += g;
+        acc_c += g * (load_pair<K>(r, p, j) - m);
+      }
+      s[p] = acc_s;
+      c[p] = acc_c;
+    }
+    sum_grad = block_sum<4>([&](int p, int) { return s[p]; });
+    sum_grad_centered = block_sum<4>([&](int p, int) { return c[p]; });
+  }
+  const vec8 count_minus_one = vec8{} + float(K - 1);
+  const auto b = blend_lanes<Ops>(count_minus_one, mean, sq_dev, hist_mean, hist_var, eps, mode,
+                                  batch_scale);
+  const auto c = gradient_lanes<Ops>(b, vec8{} + float(K), count_minus_one, mean, hist_mean,
+                                     hist_var, mode, sum_grad, sum_grad_centered);
+  const vec8 coef = Ops::select(b.usable, vec8{} + batch_coef, vec8{});
+  for (int p = 0; p < 4; ++p) {
+    const vec8 self = spread(c.self, p), shift = spread(c.shift, p),
+               deviation = spread(c.deviation, p), m = spread(mean, p), k = spread(coef, p);
+    for (int j = 0; j < K / 4; ++j) {
+      const vec8 v = load_pair<K>(r, p, j);
+      store_pair<K>(out, p, j, self * load_pair<K>(grad, p, j) + shift + deviation * (v - m) +
+                                   k * (v - batch_mean));
+    }
+  }
+  return true;
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Whether the AVX2 path runs: the CPU has AVX2 and BV_BLEND_CPU_AVX2 is not "0".
+bool use_avx2() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("BV_BLEND_CPU_AVX2");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+#if defined(BVB_CPU_AVX2)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+// Groups per block for rewards of scalar_t: 8 float32 groups with AVX2, else one per lane.
+template <typename scalar_t>
+int64_t block_groups() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (use_avx2()) return 8;
+  }
+  return Lanes<accumulate_t<scalar_t>>::size;
+}
+
 // Calls body(std::integral_constant<int, K>) with K = group_size for the common fixed sizes and
 // K = 0 (sizes read at run time) for the rest and for ragged groups.
 template <typename Body>
@@ -276,15 +619,28 @@ void zero_uncovered(const GroupInputs& in, scalar_t* out) {
 
 // Calls body(static_size, group, start, n) for every group, in parallel over groups; n is the
 // group's length, a compile-time constant (decltype(static_size)::value) for common fixed sizes.
-template <typename Body>
-void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Body& body) {
+// Where kBlockPath<K, scalar_t>, runs of block_groups<scalar_t>() groups go to
+// block(static_size, first_group) first,
+// which returns false to have body handle them one by one. Which groups form a block depends on
+// the thread count, but a group's results do not depend on the path.
+template <typename scalar_t, typename Block, typename Body>
+void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block& block,
+                          const Body& body) {
   const int64_t* offsets = in.offsets_ptr();
   const int64_t num_rewards = in.rewards.numel();
   with_static_group_size(offsets, group_size, [&](auto static_size) {
     constexpr int K = decltype(static_size)::value;
     at::parallel_for(0, in.num_groups, group_grain(num_rewards, in.num_groups),
                      [&](int64_t first, int64_t last) {
-      for (int64_t g = first; g < last; ++g) {
+      int64_t g = first;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        const int64_t W = block_groups<scalar_t>();
+        for (; g + W <= last; g += W) {
+          if (block(static_size, g)) continue;
+          for (int64_t h = 0; h < W; ++h) body(static_size, g + h, (g + h) * K, int64_t(K));
+        }
+      }
+      for (; g < last; ++g) {
         int64_t start, end;
         group_bounds(offsets, group_size, g, start, end);
         body(static_size, g, start, K > 0 ? K : end - start);
@@ -317,7 +673,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     acc_t* std_out = group_std.data_ptr<acc_t>();
     acc_t* beta_out = beta.data_ptr<acc_t>();
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
+    auto block = [&](auto static_size, int64_t g0) {
+      constexpr int K = decltype(static_size)::value;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        using vec = typename L::vec;
+        const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
+#if defined(BVB_CPU_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx2()) {
+            return avx2::forward_block<K>(rb, reinterpret_cast<float*>(adv) + g0 * K,
+                                          mean_out + g0, std_out + g0, beta_out + g0,
+                                          history.mean, history.var, acc_t(eps), in.mode,
+                                          acc_t(batch_scale));
+          }
+        }
+#endif
+        BlockMoments<K, acc_t> m;
+        if (!m.compute(rb)) return false;
+        const auto b = blend_lanes<VectorOps<acc_t>>(vec{} + acc_t(K - 1), m.mean, m.sq_dev,
+                                                     history.mean, history.var, acc_t(eps),
+                                                     in.mode, acc_t(batch_scale));
+        store_lanes(mean_out + g0, m.mean);
+        store_lanes(std_out + g0, VectorOps<acc_t>::sqrt(b.var));
+        store_lanes(beta_out + g0, b.beta);
+        acc_t* ab = reinterpret_cast<acc_t*>(adv) + g0 * K;
+        for (int h = 0; h < L::size; ++h) {
+          const acc_t baseline = b.baseline[h], inv_scale = b.inv_scale[h];
+          for (int j = 0; j < K; j += L::size) {
+            store_lanes(ab + h * K + j, (load_lanes(rb + h * K + j) - baseline) * inv_scale);
+          }
+        }
+        return true;
+      }
+      return false;
+    };
+    parallel_over_groups<scalar_t>(in, group_size, block, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
       if (m.count == 0) {
@@ -373,7 +763,53 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
     zero_uncovered(in, out);
-    parallel_over_groups(in, group_size, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
+    auto block = [&](auto static_size, int64_t g0) {
+      constexpr int K = decltype(static_size)::value;
+      if constexpr (kBlockPath<K, scalar_t>) {
+        using vec = typename L::vec;
+        const acc_t* rb = reinterpret_cast<const acc_t*>(r) + g0 * K;
+        const acc_t* gb = reinterpret_cast<const acc_t*>(gr) + g0 * K;
+#if defined(BVB_CPU_AVX2)
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_avx2()) {
+            return avx2::backward_block<K>(rb, gb, reinterpret_cast<float*>(out) + g0 * K,
+                                           history.mean, history.var, acc_t(eps), in.mode,
+                                           acc_t(batch_scale), acc_t(batch_mean),
+                                           acc_t(batch_coef));
+          }
+        }
+#endif
+        BlockMoments<K, acc_t> m;
+        if (!m.compute(rb)) return false;
+        const auto [sum_grad, sum_grad_centered] = block_sum2<K, acc_t>([&](int i, int h) {
+          const vec g = load_lanes(gb + i);
+          return std::pair<vec, vec>{g, g * (load_lanes(rb + i) - m.mean[h])};
+        });
+        const vec count_minus_one = vec{} + acc_t(K - 1);
+        const auto b = blend_lanes<VectorOps<acc_t>>(count_minus_one, m.mean, m.sq_dev,
+                                                     history.mean, history.var, acc_t(eps),
+                                                     in.mode, acc_t(batch_scale));
+        const auto c = gradient_lanes<VectorOps<acc_t>>(b, vec{} + acc_t(K), count_minus_one,
+                                                        m.mean, history.mean, history.var,
+                                                        in.mode, sum_grad, sum_grad_centered);
+        const vec batch_coef_lanes =
+            VectorOps<acc_t>::select(b.usable, vec{} + acc_t(batch_coef), vec{});
+        acc_t* ob = reinterpret_cast<acc_t*>(out) + g0 * K;
+        for (int h = 0; h < L::size; ++h) {
+          const acc_t self = c.self[h], shift = c.shift[h], deviation = c.deviation[h],
+                      mean = m.mean[h], coef = batch_coef_lanes[h];
+          for (int j = 0; j < K; j += L::size) {
+            const vec v = load_lanes(rb + h * K + j);
+            store_lanes(ob + h * K + j, self * load_lanes(gb + h * K + j) + shift +
+                                            deviation * (v - mean) +
+                                            coef * (v - acc_t(batch_mean)));
+          }
+        }
+        return true;
+      }
+      return false;
+    };
+    parallel_over_groups<scalar_t>(in, group_size, block, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
       if (m.count == 0) {
@@ -408,13 +844,19 @@ template <typename acc_t>
 void push_group_means(const acc_t* means, int64_t num_groups, double* ring, int64_t window,
                       int64_t& count, double& ema, double alpha) {
   uint64_t pushed = count < 0 ? 0 : static_cast<uint64_t>(count);
+  // The slot is pushed % window, kept as a counter (no division per group).
+  uint64_t slot = pushed % static_cast<uint64_t>(window);
+  const double keep = 1.0 - alpha;
+  double h = ema;
   for (int64_t g = 0; g < num_groups; ++g) {
     const double mu = static_cast<double>(means[g]);
-    if (!std::isfinite(mu)) continue;
-    ring[pushed % static_cast<uint64_t>(window)] = mu;
+    if (!is_finite(mu)) continue;
+    ring[slot] = mu;
+    if (++slot == static_cast<uint64_t>(window)) slot = 0;
     ++pushed;
-    ema = (1.0 - alpha) * ema + alpha * mu;
+    h = keep * h + alpha * mu;
   }
+  ema = h;
   constexpr auto kMaxCount = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   count = static_cast<int64_t>(std::min(pushed, kMaxCount));
 }
