@@ -86,7 +86,14 @@ struct ScalarOps {
 
 template <typename V, typename M>
 struct BlendLanes {
-  V var, beta, baseline, scale, inv_scale;
+  V var;        // σ_g², unbiased; 0 below two valid rewards
+  V beta;       // σ_u² / (σ_u² + σ_g²), 0 when both vanish
+  V baseline;   // B_g = (1 - β)·μ_g + β·H; 0 when the group is not usable
+  V scale;      // s_g of the chosen scale mode
+  V inv_scale;  // 1 / s_g; 0 when the group is not usable
+  // A group is usable when its scale is positive and finite and its baseline finite. An unusable
+  // group (eps = 0 with σ = 0, or moments that overflowed) gets advantage 0 and gradient 0:
+  // A = (r - baseline) * inv_scale is then exactly 0 for every finite r, without a branch.
   M usable;
 };
 
@@ -122,19 +129,11 @@ BVB_HOST_DEVICE BlendLanes<V, decltype(V{} > V{})> blend_lanes(
   return g;
 }
 
+// One group's blend: the fields of BlendLanes for a single group, with its count and mean.
 template <typename acc_t>
-struct GroupBlend {
-  int64_t count;    // valid (finite) rewards
-  acc_t mean;       // μ_g
-  acc_t var;        // σ_g², unbiased; 0 below two valid rewards
-  acc_t beta;       // σ_u² / (σ_u² + σ_g²), 0 when both vanish
-  acc_t baseline;   // B_g = (1 - β)·μ_g + β·H; 0 when the group is not usable
-  acc_t scale;      // s_g of the chosen scale mode
-  acc_t inv_scale;  // 1 / s_g; 0 when the group is not usable
-  // A group is usable when its scale is positive and finite and its baseline finite. An unusable
-  // group (eps = 0 with σ = 0, or moments that overflowed) gets advantage 0 and gradient 0:
-  // A = (r - baseline) * inv_scale is then exactly 0 for every finite r, without a branch.
-  bool usable;
+struct GroupBlend : BlendLanes<acc_t, bool> {
+  int64_t count;  // valid (finite) rewards
+  acc_t mean;     // μ_g
 };
 
 // From a group's count, mean and sum of squared deviations to its baseline and scale.
@@ -145,17 +144,11 @@ template <typename acc_t>
 BVB_HOST_DEVICE GroupBlend<acc_t> blend_group(int64_t count, acc_t mean, acc_t sq_dev,
                                               acc_t hist_mean, acc_t hist_var, acc_t eps,
                                               ScaleMode mode, acc_t batch_scale) {
-  const auto l = blend_lanes<ScalarOps<acc_t>>(acc_t(count > 0 ? count - 1 : 0), mean, sq_dev,
-                                               hist_mean, hist_var, eps, mode, batch_scale);
   GroupBlend<acc_t> g;
+  static_cast<BlendLanes<acc_t, bool>&>(g) = blend_lanes<ScalarOps<acc_t>>(
+      acc_t(count > 0 ? count - 1 : 0), mean, sq_dev, hist_mean, hist_var, eps, mode, batch_scale);
   g.count = count;
   g.mean = mean;
-  g.var = l.var;
-  g.beta = l.beta;
-  g.baseline = l.baseline;
-  g.scale = l.scale;
-  g.inv_scale = l.inv_scale;
-  g.usable = l.usable;
   return g;
 }
 
@@ -208,27 +201,13 @@ BVB_HOST_DEVICE GradientLanes<V> gradient_lanes(const BlendLanes<V, M>& g, V cou
 }
 
 template <typename acc_t>
-struct GroupGradient {
-  acc_t self;
-  acc_t shift;
-  acc_t deviation;
-};
-
-template <typename acc_t>
-BVB_HOST_DEVICE GroupGradient<acc_t> group_gradient(const GroupBlend<acc_t>& g, acc_t hist_mean,
+BVB_HOST_DEVICE GradientLanes<acc_t> group_gradient(const GroupBlend<acc_t>& g, acc_t hist_mean,
                                                     acc_t hist_var, ScaleMode mode, acc_t sum_grad,
                                                     acc_t sum_grad_centered) {
-  BlendLanes<acc_t, bool> l;
-  l.var = g.var;
-  l.beta = g.beta;
-  l.baseline = g.baseline;
-  l.scale = g.scale;
-  l.inv_scale = g.inv_scale;
-  l.usable = g.usable;
-  const auto out = gradient_lanes<ScalarOps<acc_t>>(
-      l, acc_t(g.count), acc_t(g.count > 0 ? g.count - 1 : 0), g.mean, hist_mean, hist_var, mode,
-      sum_grad, sum_grad_centered);
-  return {out.self, out.shift, out.deviation};
+  return gradient_lanes<ScalarOps<acc_t>>(
+      static_cast<const BlendLanes<acc_t, bool>&>(g), acc_t(g.count),
+      acc_t(g.count > 0 ? g.count - 1 : 0), g.mean, hist_mean, hist_var, mode, sum_grad,
+      sum_grad_centered);
 }
 
 }  // namespace bv_blend
