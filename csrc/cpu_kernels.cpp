@@ -649,6 +649,9 @@ void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block
   });
 }
 
+// This and the backward below are long because each holds its two paths side by side, the block
+// of groups one per lane and the single group, so that a reader can check they compute the same
+// thing; the formulas themselves are in bv_blend_math.h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
     const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps, c10::string_view scale) {
