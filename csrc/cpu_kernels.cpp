@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -841,27 +842,63 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
   return grad_rewards;
 }
 
-// Pushes the finite means in group order. The count is read as 0 when negative and saturates at
-// INT64_MAX, so whatever a (corrupted) state holds, every slot written lies inside the ring.
+// Groups per chunk of the history update. A call of at most this many groups runs the EMA
+// recursion exactly as defined, one push after the other; a larger one runs it per chunk, the
+// chunks in parallel, and combines them in order (see push_group_means).
+constexpr int64_t kHistoryChunk = 8192;
+
+// Pushes the finite means in group order: the last `window` of them land in their ring slots and
+// the EMA follows H <- (1 - α)·H + α·μ for each. The count is read as 0 when negative and
+// saturates at INT64_MAX, so whatever a (corrupted) state holds, every slot written lies inside
+// the ring.
+//
+// The EMA of chunk c, run from 0 (chunk 0 from H), is S_c; with n_c pushes in chunk c the EMA
+// after it is (1 - α)^n_c·H_(c-1) + S_c, which the chunks are combined by, in order. The chunking
+// is fixed, so the result has the same bits for any thread count, and a single chunk is exactly
+// the sequential recursion.
 template <typename acc_t>
 void push_group_means(const acc_t* means, int64_t num_groups, double* ring, int64_t window,
                       int64_t& count, double& ema, double alpha) {
-  uint64_t pushed = count < 0 ? 0 : static_cast<uint64_t>(count);
-  // The slot is pushed % window, kept as a counter (no division per group).
-  uint64_t slot = pushed % static_cast<uint64_t>(window);
+  const uint64_t before = count < 0 ? 0 : static_cast<uint64_t>(count);
   const double keep = 1.0 - alpha;
+  const int64_t chunks = (num_groups + kHistoryChunk - 1) / kHistoryChunk;
+  std::vector<double> chunk_ema(chunks);
+  std::vector<int64_t> chunk_pushes(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      double h = c == 0 ? ema : 0.0;
+      int64_t pushes = 0;
+      const int64_t end = std::min(num_groups, (c + 1) * kHistoryChunk);
+      for (int64_t g = c * kHistoryChunk; g < end; ++g) {
+        const double mu = static_cast<double>(means[g]);
+        if (!is_finite(mu)) continue;
+        h = keep * h + alpha * mu;
+        ++pushes;
+      }
+      chunk_ema[c] = h;
+      chunk_pushes[c] = pushes;
+    }
+  });
+  uint64_t pushes = 0;
   double h = ema;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    const double mu = static_cast<double>(means[g]);
-    if (!is_finite(mu)) continue;
-    ring[slot] = mu;
-    if (++slot == static_cast<uint64_t>(window)) slot = 0;
-    ++pushed;
-    h = keep * h + alpha * mu;
+  for (int64_t c = 0; c < chunks; ++c) {
+    h = c == 0 ? chunk_ema[0]
+               : std::pow(keep, static_cast<double>(chunk_pushes[c])) * h + chunk_ema[c];
+    pushes += static_cast<uint64_t>(chunk_pushes[c]);
   }
   ema = h;
+
+  // Only the last `window` pushes survive in the ring: walk back from the end to place them.
+  const auto slots = static_cast<uint64_t>(window);
+  uint64_t placed = 0;
+  for (int64_t g = num_groups - 1; g >= 0 && placed < std::min(pushes, slots); --g) {
+    const double mu = static_cast<double>(means[g]);
+    if (!is_finite(mu)) continue;
+    ++placed;
+    ring[(before + (pushes - placed)) % slots] = mu;
+  }
   constexpr auto kMaxCount = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
-  count = static_cast<int64_t>(std::min(pushed, kMaxCount));
+  count = static_cast<int64_t>(before > kMaxCount - pushes ? kMaxCount : before + pushes);
 }
 
 double ring_variance(const double* ring, int64_t entries, int64_t min_history) {

@@ -194,3 +194,27 @@ def test_module_dtype_casts_keep_the_history_float64():
     est(torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.bfloat16), 2)
     assert {name: t.dtype for name, t in est.state_dict().items()} == {
         "ring": torch.float64, "count": torch.int64, "ema": torch.float64, "var": torch.float64}
+
+
+@pytest.mark.parametrize("groups", (5000, 50_000))  # one chunk of the CPU update, and several
+def test_large_history_update_is_thread_count_independent_and_matches_the_recursion(groups):
+    gen = torch.Generator().manual_seed(3)
+    means = torch.rand(groups, generator=gen, dtype=torch.float64)
+    means[torch.rand(groups, generator=gen) < 0.1] = NAN
+    states = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            est = bv_blend_ext.BVBlend(window=64, initial_baseline=0.25)
+            torch.ops.bv_blend.update_history(means, est.ring, est.count, est.ema, est.var,
+                                              est.alpha, est.min_history)
+            states.append(est.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for name in states[0]:
+        assert torch.equal(bits(states[0][name]), bits(states[1][name])), name
+    ref = reference.HistoryReference(window=64, initial_baseline=0.25)
+    ref.push(means)
+    est.load_state_dict(states[0])
+    assert_history(est, ref, 1e-12)
