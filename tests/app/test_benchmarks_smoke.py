@@ -89,18 +89,25 @@ def test_bench_op_reports_a_baseline_that_cannot_be_built(monkeypatch):
 
 
 def test_bench_op_targets_judge_the_declared_rows():
-    """The CPU targets judge the 1-thread rows only: eager everywhere, compile at 1024x16."""
-    def row(threads, size, impl, best_us):
-        return dict(threads=threads, case="forward", size=size, impl=impl, best_us=best_us)
-    rows = [row(1, "64x8", "op", 1.0), row(1, "64x8", "eager", 12.0),
-            row(1, "1024x16", "op", 10.0), row(1, "1024x16", "eager", 110.0),
-            row(1, "1024x16", "compile", 14.0),
-            row(2, "1024x16", "op", 10.0), row(2, "1024x16", "eager", 20.0)]
+    """The CPU targets judge the 1-thread rows only: eager per case at every size (forward+backward
+    against its own, lower bar), compile at 1024x16."""
+    def row(threads, case, size, impl, best_us):
+        return dict(threads=threads, case=case, size=size, impl=impl, best_us=best_us)
+    rows = [row(1, "forward", "64x8", "op", 1.0), row(1, "forward", "64x8", "eager", 12.0),
+            row(1, "forward", "1024x16", "op", 10.0), row(1, "forward", "1024x16", "eager", 110.0),
+            row(1, "forward", "1024x16", "compile", 14.0),
+            row(1, "forward+backward", "1024x16", "op", 10.0),
+            row(1, "forward+backward", "1024x16", "eager", 60.0),
+            row(1, "step", "1024x16", "op", 10.0), row(1, "step", "1024x16", "eager", 60.0),
+            row(2, "forward", "1024x16", "op", 10.0), row(2, "forward", "1024x16", "eager", 20.0)]
     lines = bench_op.targets(bench_op.TARGETS["cpu"], rows)
-    assert lines[2] == ("- CPU 1 thread, op >= 10x eager at every size and case: met "
-                        "(lowest 11.0x: forward 1024x16)")
-    assert lines[3] == "- CPU 1 thread, op >= 1.5x torch.compile at 1024x16, forward: MISSED (1.4x)"
-    assert len(lines) == 5
+    assert lines[2:5] == [
+        "- CPU 1 thread, forward: op >= 10x eager at every size: met (lowest 11.0x at 1024x16)",
+        "- CPU 1 thread, step: op >= 10x eager at every size: MISSED (lowest 6.0x at 1024x16)",
+        "- CPU 1 thread, forward+backward: op >= 5x eager at every size: met (lowest 6.0x at "
+        "1024x16)"]
+    assert lines[5] == "- CPU 1 thread, op >= 1.5x torch.compile at 1024x16, forward: MISSED (1.4x)"
+    assert len(lines) == 7
 
 
 def test_sim_exact_gradient_matches_finite_differences():
