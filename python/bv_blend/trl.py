@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion
+
+from bv_blend._versions import require_version
 
 __all__ = ["BVBlendGRPOConfig", "BVBlendGRPOTrainer", "SUPPORTED_TRL", "STATE_FILE",
            "check_trl_version"]
@@ -34,15 +34,7 @@ STATE_FILE = "bv_blend_state.pt"
 
 def check_trl_version(version: str) -> None:
     """Raise ImportError unless `version` is a TRL release this integration was tested against."""
-    try:
-        supported = SpecifierSet(SUPPORTED_TRL).contains(version, prereleases=True)
-    except InvalidVersion:  # older `packaging` raises where newer ones answer False
-        supported = False
-    if not supported:
-        raise ImportError(
-            f"bv_blend.trl supports trl{SUPPORTED_TRL} but trl {version} is installed; it relies "
-            f"on GRPOTrainer internals that differ between TRL releases. Install a supported TRL "
-            f"with `pip install 'bv-blend-ext[trl]'` (or 'trl{SUPPORTED_TRL}').")
+    require_version("trl", version, SUPPORTED_TRL, "GRPOTrainer internals")
 
 
 try:

@@ -21,8 +21,8 @@ import os
 from collections.abc import Mapping
 
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import InvalidVersion
+
+from bv_blend._versions import require_version
 
 __all__ = ["BVBlendCheckpointCallback", "ESTIMATOR_NAME", "STATE_FILE", "SUPPORTED_VERL",
            "check_verl_version", "compute_bv_blend_advantage", "driver_estimator",
@@ -44,15 +44,7 @@ logger = logging.getLogger(__name__)
 
 def check_verl_version(version: str) -> None:
     """Raise ImportError unless `version` is a verl release this integration was tested against."""
-    try:
-        supported = SpecifierSet(SUPPORTED_VERL).contains(version, prereleases=True)
-    except InvalidVersion:  # packaging 25 raises for a version it cannot parse; 26 answers False
-        supported = False
-    if not supported:
-        raise ImportError(
-            f"bv_blend.verl supports verl{SUPPORTED_VERL} but verl {version} is installed; it "
-            f"relies on trainer internals that differ between verl releases. Install a supported "
-            f"verl with `pip install 'bv-blend-ext[verl]'` (or 'verl{SUPPORTED_VERL}').")
+    require_version("verl", version, SUPPORTED_VERL, "trainer internals")
 
 
 try:
