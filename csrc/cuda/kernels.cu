@@ -208,7 +208,9 @@ __global__ void __launch_bounds__(kThreads)
 // pushes is evaluated in closed form, (1-α)^m·H + Σ_k α(1-α)^(m-1-k)·μ_k, with a fixed-order
 // block reduction. Then the ring's variance is refreshed for the next call. Only finite means
 // are pushed; a negative count is read as 0 and the count saturates at INT64_MAX, so no value of
-// the state can make a slot fall outside the ring.
+// the state can make a slot fall outside the ring. It is one long kernel on purpose: counting,
+// ranking, the EMA and the variance run back to back in one launch, which keeps the stateful step
+// at two launches with no host synchronisation.
 template <typename acc_t>
 __global__ void __launch_bounds__(kHistoryThreads)
     update_history_kernel(const acc_t* __restrict__ group_mean, int64_t num_groups, double* ring,
