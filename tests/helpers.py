@@ -79,6 +79,19 @@ def determinism_outputs(ragged, offsets, fixed, grad_out, scale):
     return {name: bits(t) for name, t in named}
 
 
+def state_of(estimator):
+    """A copy of an estimator's history buffers, to compare with after a call."""
+    return {name: value.clone() for name, value in estimator.state_dict().items()}
+
+
+def assert_same_state(before, estimator):
+    """The estimator's history is `before` (a state_of), in values and in device."""
+    after = estimator.state_dict()
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]) and value.device == after[name].device, name
+
+
 def raises_naming(argument, error=(ValueError, TypeError)):
     """pytest.raises for an error whose message names `argument` (a regex alternative)."""
     return pytest.raises(error, match=rf"\b({argument})\b")

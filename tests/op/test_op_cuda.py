@@ -8,8 +8,8 @@ import torch
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import (assert_blend_close, assert_history, bits, determinism_outputs,
-                     ragged_rewards)
+from helpers import (assert_blend_close, assert_history, assert_same_state, bits,
+                     determinism_outputs, ragged_rewards, state_of)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -173,15 +173,14 @@ def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout):
             ref.step(rewards, **cpu_groups, scale="blend")
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    before = {name: t.clone() for name, t in est.state_dict().items()}
+    before = state_of(est)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_advantages = est(static_rewards, **groups)
     torch.cuda.synchronize()
     # Capturing records the step without running it.
-    for name, value in est.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_same_state(before, est)
 
     for rewards in batches[2:]:
         static_rewards.copy_(rewards)
@@ -227,11 +226,11 @@ def test_device_mismatch_errors():
 
     est = bv_blend_ext.BVBlend(window=4)
     est(rewards, 2)
-    before = {name: t.clone() for name, t in est.state_dict().items()}
+    before = state_of(est)
+    assert est.ring.device.type == "cuda"
     with pytest.raises((ValueError, TypeError), match=r"\boffsets\b"):
         est(rewards, offsets=cpu_offsets)
-    for name, value in est.state_dict().items():
-        assert torch.equal(value, before[name]) and value.device.type == "cuda", name
+    assert_same_state(before, est)
 
 
 def test_cpu_rewards_with_cuda_tensors_get_value_errors():

@@ -6,7 +6,7 @@ import torch
 
 import bv_blend_ext
 
-from helpers import raises_naming
+from helpers import assert_same_state, raises_naming, state_of
 
 NAN = float("nan")
 REWARDS = torch.tensor([1.0, 2.0, 4.0, 0.5, NAN, 3.0])  # N = 6
@@ -143,13 +143,11 @@ def test_failed_call_leaves_history_untouched(case):
     rewards, kwargs, argument = BAD_CALLS[case]
     kwargs = dict(kwargs)
     est, twin = warm_estimator(), warm_estimator()
-    before = {name: t.clone() for name, t in est.state_dict().items()}
+    before = state_of(est)
     group_size = kwargs.pop("group_size", None)
     with raises_naming(argument):
         est(rewards, group_size, **kwargs)
-    for name, value in est.state_dict().items():
-        assert torch.equal(value, before[name]), name
-        assert value.device == before[name].device, name
+    assert_same_state(before, est)
     # And the estimator carries on exactly as one that never saw the bad call.
     good = torch.tensor([2.0, 5.0, 1.0, 1.5])
     assert torch.equal(est(good, 2), twin(good, 2))

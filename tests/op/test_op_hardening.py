@@ -15,23 +15,12 @@ from torch.overrides import TorchFunctionMode
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import bits, raises_naming
+from helpers import assert_same_state, bits, raises_naming, state_of
 
 NAN, INF = float("nan"), float("inf")
 OPS = torch.ops.bv_blend
 SCALES = ("group", "blend", "batch", "none")
 
-
-
-def state_of(estimator):
-    return {name: value.clone() for name, value in estimator.state_dict().items()}
-
-
-def assert_same_state(before, estimator):
-    after = estimator.state_dict()
-    assert before.keys() == after.keys()
-    for name, value in before.items():
-        assert torch.equal(value, after[name]), name
 
 
 # 1. The history state ----------------------------------------------------------------------
