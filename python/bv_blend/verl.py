@@ -169,7 +169,7 @@ def compute_bv_blend_advantage(token_level_rewards: torch.Tensor, response_mask:
     offsets = torch.zeros(len(group_numbers) + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.bincount(group_of_row, minlength=len(group_numbers)).cumsum(0)
     # validate=False: these offsets are valid by construction, so the check's host read is waste.
-    sorted_advantages = estimator.step(scores[order], offsets=offsets, validate=False).advantages
+    sorted_advantages = estimator(scores[order], offsets=offsets, validate=False)
     advantages = torch.empty_like(sorted_advantages)
     advantages[order] = sorted_advantages
     advantages = advantages.unsqueeze(-1) * response_mask
