@@ -76,20 +76,9 @@ bench: build
 	$(PY) benchmarks/bench_op.py
 
 # On a lent GPU machine: its own python3 (no .venv there), built in place for Hopper, the CUDA
-# tests, compute-sanitizer over the op's CUDA tests, and the op benchmark. Results go to $$OUT.
-GPU_OUT ?= $(or $(OUT),gpu-check-out)
-OP_TESTS := tests/op
+# tests, compute-sanitizer over the op's CUDA tests, and the op benchmark; see tools/gpu_check.sh.
 gpu-check:
-	mkdir -p $(GPU_OUT)
-	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $(GPU_OUT)/device.txt
-	TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
-	set -o pipefail; python3 -m pytest -q -rs $(OP_TESTS) 2>&1 | tee $(GPU_OUT)/op_tests.log
-	set -o pipefail; compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -x \
-		tests/op/test_op_cuda.py 2>&1 | tail -20 | tee $(GPU_OUT)/memcheck.log
-	set -o pipefail; compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m pytest -q -x \
-		tests/op/test_op_cuda.py 2>&1 | tail -20 | tee $(GPU_OUT)/racecheck.log
-	python3 benchmarks/bench_op.py --device cuda --out-dir $(GPU_OUT) 2>&1 | tee $(GPU_OUT)/bench.log
-	set -o pipefail; python3 -m pytest -q -rs tests 2>&1 | tail -30 | tee $(GPU_OUT)/all_tests.log
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf build bv_blend_ext/*.so

@@ -91,6 +91,7 @@ class Plan:
     budget_s: float  # seconds of calls per measurement, over `repeats` timed blocks
     repeats: int
     loop_ref_max_groups: int  # the Python-loop reference is timed up to this many groups only
+    compile_sizes: tuple[str, ...] | None = None  # torch.compile only at these size labels; None: all
 
 
 FULL = Plan(FULL_SIZES, IMPLS, budget_s=0.25, repeats=7, loop_ref_max_groups=1024)
@@ -281,7 +282,9 @@ BUILDERS: dict[tuple[str, str], Builder] = {
 def applies(case: str, impl: str, size: Size, device: str, plan: Plan) -> bool:
     """Whether `impl` runs `case` at `size` on `device`, within the plan's limits."""
     return ((case, impl) in BUILDERS and (impl != "op_graph" or device == "cuda")
-            and (impl != "loop_ref" or size.groups <= plan.loop_ref_max_groups))
+            and (impl != "loop_ref" or size.groups <= plan.loop_ref_max_groups)
+            and (impl != "compile" or plan.compile_sizes is None
+                 or size.label in plan.compile_sizes))
 
 
 def build(case: str, impl: str, size: Size, device: str) -> Callable[[], object]:
@@ -498,8 +501,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
     loop_ref_max_groups = args.loop_ref_max_groups
     if args.quick:  # the quick run keeps the Python loop at its small sizes, whatever the flag
         loop_ref_max_groups = min(loop_ref_max_groups, QUICK.loop_ref_max_groups)
+    compile_sizes = tuple(args.compile_sizes.split(",")) if args.compile_sizes else None
     return replace(plan, impls=tuple(i for i in plan.impls if not (args.no_compile and i == "compile")),
-                   loop_ref_max_groups=loop_ref_max_groups)
+                   loop_ref_max_groups=loop_ref_max_groups, compile_sizes=compile_sizes)
 
 
 def main(argv=None) -> int:
@@ -510,6 +514,9 @@ def main(argv=None) -> int:
                    help="all = CPU, plus CUDA when available")
     p.add_argument("--threads", default="1,all", help="CPU thread counts, e.g. 1,all")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-sizes", default=None,
+                   help="time torch.compile only at these sizes, e.g. 1024x16 (default: all; "
+                        "each compile costs seconds to a minute)")
     p.add_argument("--loop-ref-max-groups", type=int, default=FULL.loop_ref_max_groups,
                    help="time the Python-loop reference only up to this many groups")
     p.add_argument("--out-dir", type=Path, default=None,
