@@ -24,6 +24,11 @@ class BlendOutput(NamedTuple):
     beta: torch.Tensor  # (G,), weight of the history in the baseline; NaN with no valid reward
 
 
+# α_k of the per-key EMA when none is given: a prompt is revisited a few times per run, not
+# hundreds, so its EMA must move in a few visits (about the last 7 weigh in).
+DEFAULT_KEY_EMA_DECAY = 0.25
+
+
 def default_ema_decay(window: int) -> float:
     """α of the history EMA when none is given: the EMA then has the ring's centre of mass."""
     return 2.0 / (window + 1)
@@ -44,14 +49,15 @@ def group_offsets(num_rewards: int, group_size: int | None, offsets: torch.Tenso
 
 
 def usable_history(hist_mean: torch.Tensor, hist_var: torch.Tensor):
-    """A history that is not finite, or has σ_u² < 0, is ignored: H = σ_u² = 0, hence β = 0."""
-    if bool(hist_mean.isfinite()) and bool(hist_var.isfinite()) and float(hist_var) >= 0:
-        return hist_mean, hist_var
-    return torch.zeros_like(hist_mean), torch.zeros_like(hist_var)
+    """A history that is not finite, or has σ_u² < 0, is ignored: H = σ_u² = 0, hence β = 0.
+    Elementwise, so per-group statistics are judged group by group."""
+    usable = hist_mean.isfinite() & hist_var.isfinite() & (hist_var >= 0)
+    return torch.where(usable, hist_mean, 0), torch.where(usable, hist_var, 0)
 
 
-def _as_scalar(value, dtype, device) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=dtype, device=device).reshape(())
+def _as_history(value, dtype, device, num_groups: int) -> torch.Tensor:
+    """H or σ_u² as a (G,) tensor: a scalar (float or 0-dim tensor) is shared by every group."""
+    return torch.as_tensor(value, dtype=dtype, device=device).reshape(-1).expand(num_groups)
 
 
 def batch_std(rewards: torch.Tensor) -> torch.Tensor:
@@ -89,19 +95,22 @@ def blend_terms(mu: torch.Tensor, var: torch.Tensor, hist_mean: torch.Tensor,
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      offsets: torch.Tensor | None = None, hist_mean=0.0, hist_var=0.0,
                      eps: float = 1e-4, scale: str = "blend") -> BlendOutput:
-    """Advantages of one call, with the history statistics H (hist_mean) and σ_u² (hist_var) given."""
+    """Advantages of one call, with the history statistics H (hist_mean) and σ_u² (hist_var) given:
+    scalars shared by every group, or (G,) tensors, group g then using H[g] and σ_u²[g]."""
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
     acc = accumulation_dtype(rewards.dtype)
     device = rewards.device
     bounds = group_offsets(rewards.numel(), group_size, offsets, device).tolist()
     r = rewards.to(acc)
-    h, u = usable_history(_as_scalar(hist_mean, acc, device), _as_scalar(hist_var, acc, device))
+    num_groups = len(bounds) - 1
+    h, u = usable_history(_as_history(hist_mean, acc, device, num_groups),
+                          _as_history(hist_var, acc, device, num_groups))
     batch_scale = batch_std(rewards) + eps if scale == "batch" else None
 
     advantages = torch.zeros_like(r)
     means, stds, betas = [], [], []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for g, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         group = r[start:end]
         valid = torch.isfinite(group)
         n = int(valid.sum())
@@ -112,7 +121,7 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
         values = group[valid]
         mu = values.mean()
         var = values.var(unbiased=True) if n >= 2 else torch.zeros((), dtype=acc, device=device)
-        beta, baseline, s = blend_terms(mu, var, h, u, eps, scale, batch_scale)
+        beta, baseline, s = blend_terms(mu, var, h[g], u[g], eps, scale, batch_scale)
         advantages[start:end] = torch.where(valid, (group - baseline) / s, 0)
         means.append(mu), stds.append(var.sqrt()), betas.append(beta)
 
@@ -155,5 +164,60 @@ class HistoryReference:
              scale: str = "blend") -> BlendOutput:
         out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=self.ema,
                                hist_var=self.variance, eps=eps, scale=scale)
+        self.push(out.group_mean)
+        return out
+
+
+class KeyedHistoryReference(HistoryReference):
+    """Per-key history (a key per prompt or per cluster) over the global one, as plain Python.
+
+    Key k holds a visit count n_k and EMA moments m_k, v_k of the group means it has seen. A group
+    whose key has n_k >= key_min_history blends with H = m_k, σ_u² = v_k; any other group, and a
+    group whose key is outside [0, num_keys), uses the global history. Every group of a call sees
+    the pre-call state. Then each group with a valid reward updates its key, in group order
+    (first visit: m_k = μ; then d = μ - m_k, m_k += α_k·d, v_k = (1 - α_k)·(v_k + α_k·d²)), and
+    the global history is updated as HistoryReference does.
+    """
+
+    def __init__(self, num_keys: int, key_ema_decay: float = DEFAULT_KEY_EMA_DECAY,
+                 key_min_history: int = 2, **global_history):
+        super().__init__(**global_history)
+        self.num_keys = num_keys
+        self.key_alpha = key_ema_decay
+        self.key_min_history = key_min_history
+        self.key_count = [0] * num_keys
+        self.key_mean = [0.0] * num_keys
+        self.key_var = [0.0] * num_keys
+
+    def group_history(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H_g, σ_u,g²) of every group, float64, from the pre-call state."""
+        means, variances = [], []
+        for k in keys.tolist():
+            if 0 <= k < self.num_keys and self.key_count[k] >= self.key_min_history:
+                means.append(self.key_mean[k]), variances.append(self.key_var[k])
+            else:
+                means.append(self.ema), variances.append(self.variance)
+        return (torch.tensor(means, dtype=torch.float64), torch.tensor(variances, dtype=torch.float64))
+
+    def push_keys(self, group_means: torch.Tensor, keys: torch.Tensor) -> None:
+        a = self.key_alpha
+        for mu, k in zip(group_means.double().tolist(), keys.tolist()):
+            if not math.isfinite(mu) or not 0 <= k < self.num_keys:
+                continue
+            if self.key_count[k] == 0:
+                self.key_mean[k], self.key_var[k] = mu, 0.0
+            else:
+                d = mu - self.key_mean[k]
+                self.key_mean[k] += a * d
+                self.key_var[k] = (1 - a) * (self.key_var[k] + a * d * d)
+            self.key_count[k] += 1
+
+    def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
+             offsets: torch.Tensor | None = None, keys: torch.Tensor, eps: float = 1e-4,
+             scale: str = "blend") -> BlendOutput:
+        hist_mean, hist_var = self.group_history(keys)
+        out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=hist_mean,
+                               hist_var=hist_var, eps=eps, scale=scale)
+        self.push_keys(out.group_mean, keys)
         self.push(out.group_mean)
         return out

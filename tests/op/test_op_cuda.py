@@ -265,9 +265,12 @@ def test_infinite_rewards_match_cpu(scale, dtype):
     want = bv_blend_ext.blend_advantages(rewards, 4, **kwargs)
     got = bv_blend_ext.blend_advantages(rewards.cuda(), 4, **kwargs)
     assert_blend_close(got, want, dtype)
-    est = bv_blend_ext.BVBlend(window=4).cuda()
+    est, on_cpu = bv_blend_ext.BVBlend(window=4).cuda(), bv_blend_ext.BVBlend(window=4)
     est(rewards.cuda(), group_size=4)
-    assert int(est.count) == 3 and torch.isfinite(est.ema) and torch.isfinite(est.var)
+    on_cpu(rewards, group_size=4)
+    assert int(est.count) == int(on_cpu.count) == 4  # every group but the one with no finite reward
+    assert torch.isfinite(est.ema) and torch.isfinite(est.var)
+    torch.testing.assert_close(est.ring.cpu(), on_cpu.ring)
 
 
 @pytest.mark.parametrize("offsets", ([0, 4], [0], [0, 6, 4, 8], [3, 5, 8], [-4, 2, 12]),
