@@ -44,6 +44,7 @@ class BVBlend(torch.nn.Module):
         self.min_history = min_history
         self.eps = float(eps)
         self.scale = scale
+        self.num_keys = None  # a single global history
         self.register_buffer("ring", torch.zeros(window, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("ema", torch.tensor(self.initial_baseline, dtype=torch.float64))

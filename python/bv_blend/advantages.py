@@ -24,8 +24,8 @@ class Advantages(NamedTuple):
     group_mean: torch.Tensor  # (G,)
     group_std: torch.Tensor  # (G,), unbiased; NaN for a group with no valid reward
     history_weight: torch.Tensor  # (G,), β: the weight of the history in each group's baseline
-    history_mean: float  # H used for this call (0 for the estimators without history)
-    history_var: float  # sigma_u^2 used for this call
+    history_mean: float  # H used for this call, its mean over groups when keyed (0 without history)
+    history_var: float  # sigma_u^2 used for this call, likewise
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> bv_blend_ext.BlendOutput:
@@ -52,22 +52,32 @@ class AdvantageEstimator:
 
     def __init__(self, name: str, *, eps: float = 1e-4, window: int = 100,
                  ema_decay: float | None = None, min_history: int = 2,
-                 initial_baseline: float = 0.0, bv_scale: str = "blend"):
+                 initial_baseline: float = 0.0, bv_scale: str = "blend",
+                 num_keys: int | None = None,
+                 key_ema_decay: float = bv_blend_ext.reference.DEFAULT_KEY_EMA_DECAY,
+                 key_min_history: int = 2):
         self.name = name
         self.eps = eps
         self.blend = None
         if name == "bv_blend":
+            keyed = {} if num_keys is None else dict(num_keys=num_keys, key_ema_decay=key_ema_decay,
+                                                     key_min_history=key_min_history)
             self.blend = bv_blend_ext.BVBlend(window=window, ema_decay=ema_decay,
                                               initial_baseline=initial_baseline,
-                                              min_history=min_history, eps=eps, scale=bv_scale)
+                                              min_history=min_history, eps=eps, scale=bv_scale,
+                                              **keyed)
         elif name not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {name!r}")
 
-    def __call__(self, rewards: torch.Tensor, group_size: int) -> Advantages:
+    def __call__(self, rewards: torch.Tensor, group_size: int,
+                 keys: torch.Tensor | None = None) -> Advantages:
+        """`keys`: (G,) int64 ids of each group's prompt (or cluster), for the keyed estimators;
+        the others ignore them."""
         if self.blend is not None:
-            step = self.blend.step(rewards, group_size=group_size)
+            keyed = {} if self.blend.num_keys is None else {"keys": keys}
+            step = self.blend.step(rewards, group_size=group_size, **keyed)
             return Advantages(step.advantages, step.group_mean, step.group_std, step.beta,
-                              float(step.history_mean), float(step.history_var))
+                              float(step.history_mean.mean()), float(step.history_var.mean()))
         if self.name == "rloo":
             out = rloo_advantages(rewards, group_size)
         else:
