@@ -4,7 +4,8 @@
     python benchmarks/bench_op.py --quick         # seconds: small sizes, no torch.compile
 
 Cases: ``forward`` (advantages), ``forward+backward`` (d advantages / d rewards through the
-group statistics) and ``step`` (the stateful estimator: advantages + history update).
+group statistics), ``step`` (the stateful estimator: advantages + history update) and ``keyed step``
+(the estimator with a history per key: NUM_KEYS keys, fresh random keys every call).
 Implementations, side by side in one process:
 
     op        bv_blend_ext.blend_advantages / bv_blend_ext.BVBlend, as documented (validate=True)
@@ -43,11 +44,12 @@ from benchmarks import harness  # noqa: E402
 from benchmarks import pytorch_baseline as baseline  # noqa: E402
 from bv_blend_ext import reference  # noqa: E402
 
-CASES = ("forward", "forward+backward", "step")
+CASES = ("forward", "forward+backward", "step", "keyed step")
 IMPLS = ("op", "op_raw", "op_graph", "eager", "compile", "loop_ref")
 HIST_MEAN, HIST_VAR, EPS, SCALE = 0.3, 0.05, 1e-4, "blend"
 WINDOW, MIN_HISTORY = 100, 2
 CLONE_REWARDS = 1 << 26
+KEY_POOL = 16  # key draws cycled through, so that the tables' cache lines are not all warm
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,15 @@ class Target:
     threads: int | None  # the CPU thread count whose rows they judge; None: every row (CUDA)
     vs_eager: dict[str, float]  # per case: op time x this <= eager time at every size
     vs_compile: float  # op time x this <= torch.compile time at `compile_size`, every case
+    keyed_vs_step: float | None = None  # keyed step op time <= this x the step's at keyed_size
+    keyed_size: str = "1024x16"
     compile_size: str = "1024x16"
 
 
 TARGETS = {"cpu": Target("CPU 1 thread", threads=1,
-                         vs_eager={"forward": 10.0, "step": 10.0, "forward+backward": 5.0},
-                         vs_compile=1.5),
+                         vs_eager={"forward": 10.0, "step": 10.0, "forward+backward": 5.0,
+                                   "keyed step": 10.0},
+                         vs_compile=1.5, keyed_vs_step=1.5),
            "cuda": Target("CUDA", threads=None, vs_eager=dict.fromkeys(CASES, 10.0),
                           vs_compile=2.0)}
 
@@ -92,11 +97,13 @@ class Plan:
     repeats: int
     loop_ref_max_groups: int  # the Python-loop reference is timed up to this many groups only
     compile_sizes: tuple[str, ...] | None = None  # torch.compile only at these size labels; None: all
+    keyed_sizes: tuple[str, ...] = ("1024x16", "16384x16")  # the sizes of the keyed step
+    num_keys: int = 10 ** 6
 
 
 FULL = Plan(FULL_SIZES, IMPLS, budget_s=0.25, repeats=7, loop_ref_max_groups=1024)
 QUICK = Plan(QUICK_SIZES, tuple(i for i in IMPLS if i != "compile"), budget_s=0.01, repeats=3,
-             loop_ref_max_groups=64)
+             loop_ref_max_groups=64, keyed_sizes=("64x8",), num_keys=10 ** 4)
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,12 @@ class Inputs:
     hist_mean: torch.Tensor  # HIST_MEAN and HIST_VAR as float64 scalars on the device
     hist_var: torch.Tensor
     device: str
+    key_draws: list[torch.Tensor]  # KEY_POOL draws of (G,) keys in [0, num_keys)
+    num_keys: int
 
 
-def make_inputs(size: Size, device: str) -> Inputs:
-    """Rewards uniform in [0, 1), with 1% NaN and offsets in the ragged case."""
+def make_inputs(size: Size, device: str, num_keys: int = QUICK.num_keys) -> Inputs:
+    """Rewards uniform in [0, 1), with 1% NaN and offsets in the ragged case; keys uniform."""
     g = torch.Generator().manual_seed(0)
     if size.ragged:
         lengths = torch.randint(1, 2 * size.group_size, (size.groups,), generator=g)
@@ -122,9 +131,12 @@ def make_inputs(size: Size, device: str) -> Inputs:
     else:
         rewards = torch.rand(size.groups * size.group_size, generator=g)
         offsets, group_size = None, size.group_size
+    key_draws = [torch.randint(0, num_keys, (size.groups,), generator=g).to(device)
+                 for _ in range(KEY_POOL)]
     return Inputs(rewards.to(device), offsets, group_size,
                   torch.tensor(HIST_MEAN, dtype=torch.float64, device=device),
-                  torch.tensor(HIST_VAR, dtype=torch.float64, device=device), device)
+                  torch.tensor(HIST_VAR, dtype=torch.float64, device=device), device, key_draws,
+                  num_keys)
 
 
 # The implementations, each a function of the Inputs. Those of the advantages return
@@ -215,6 +227,41 @@ def reference_step(x: Inputs):
     return lambda: hist.step(x.rewards, x.group_size, offsets=x.offsets, eps=EPS, scale=SCALE)
 
 
+def _cycled_keys(x: Inputs):
+    draws = iter(range(1 << 62))
+    return lambda: x.key_draws[next(draws) % KEY_POOL]
+
+
+def op_keyed_step(x: Inputs):
+    est = bv_blend_ext.BVBlend(window=WINDOW, min_history=MIN_HISTORY, eps=EPS, scale=SCALE,
+                               num_keys=x.num_keys).to(x.device)
+    keys = _cycled_keys(x)
+    return lambda: est(x.rewards, x.group_size, offsets=x.offsets, keys=keys())
+
+
+def graphed_keyed_step(x: Inputs):
+    """One key draw: a captured graph replays fixed addresses."""
+    est = bv_blend_ext.BVBlend(window=WINDOW, min_history=MIN_HISTORY, eps=EPS, scale=SCALE,
+                               num_keys=x.num_keys).to(x.device)
+    return _graphed(lambda: est(x.rewards, x.group_size, offsets=x.offsets, keys=x.key_draws[0],
+                                validate=False))
+
+
+def eager_keyed_step(x: Inputs):
+    hist = baseline.KeyedHistory(x.num_keys, window=WINDOW, min_history=MIN_HISTORY,
+                                 device=x.device)
+    keys = _cycled_keys(x)
+    return lambda: hist.step(x.rewards, x.group_size, offsets=x.offsets, keys=keys(), eps=EPS,
+                             scale=SCALE)
+
+
+def reference_keyed_step(x: Inputs):
+    hist = reference.KeyedHistoryReference(x.num_keys, window=WINDOW, min_history=MIN_HISTORY)
+    keys = _cycled_keys(x)
+    return lambda: hist.step(x.rewards, x.group_size, offsets=x.offsets, keys=keys(), eps=EPS,
+                             scale=SCALE)
+
+
 # The forward cases, each around an implementation of the advantages.
 
 Builder = Callable[[Inputs], Callable[[], object]]
@@ -276,6 +323,10 @@ BUILDERS: dict[tuple[str, str], Builder] = {
     ("step", "eager"): eager_step,
     ("step", "compile"): compiled_step,
     ("step", "loop_ref"): reference_step,
+    ("keyed step", "op"): op_keyed_step,
+    ("keyed step", "op_graph"): graphed_keyed_step,
+    ("keyed step", "eager"): eager_keyed_step,
+    ("keyed step", "loop_ref"): reference_keyed_step,
 }
 
 
@@ -284,13 +335,14 @@ def applies(case: str, impl: str, size: Size, device: str, plan: Plan) -> bool:
     return ((case, impl) in BUILDERS and (impl != "op_graph" or device == "cuda")
             and (impl != "loop_ref" or size.groups <= plan.loop_ref_max_groups)
             and (impl != "compile" or plan.compile_sizes is None
-                 or size.label in plan.compile_sizes))
+                 or size.label in plan.compile_sizes)
+            and (case != "keyed step" or size.label in plan.keyed_sizes))
 
 
-def build(case: str, impl: str, size: Size, device: str) -> Callable[[], object]:
+def build(case: str, impl: str, size: Size, device: str, num_keys: int) -> Callable[[], object]:
     """The zero-argument call that runs `case` with `impl` on fresh inputs. The first call of a
     `compile` one compiles it."""
-    return BUILDERS[(case, impl)](make_inputs(size, device))
+    return BUILDERS[(case, impl)](make_inputs(size, device, num_keys))
 
 
 def build_info() -> str:
@@ -328,6 +380,7 @@ class DeviceRun:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the baselines that could not be built
     clone: dict | None = None  # CUDA: the op against rewards.clone(), see clone_ratio
+    floor: dict | None = None  # CUDA: see launch_floor
 
 
 def run_config(device: str, threads: int | None, plan: Plan,
@@ -344,7 +397,7 @@ def run_config(device: str, threads: int | None, plan: Plan,
                     continue
                 t0 = time.perf_counter()
                 try:
-                    fn = build(case, impl, size, device)
+                    fn = build(case, impl, size, device, plan.num_keys)
                     fn()  # first call: compiles under torch.compile
                 except Exception as err:  # noqa: BLE001
                     if impl not in ("op_graph", "compile"):
@@ -384,6 +437,24 @@ def clone_ratio(budget_s: float, repeats: int) -> dict:
     return dict(rewards=CLONE_REWARDS, clone_us=t_clone * 1e6, op_us=t_op * 1e6,
                 clone_gbs=traffic / t_clone / 1e9, op_gbs=traffic / t_op / 1e9,
                 ratio=t_clone / t_op)
+
+
+def launch_floor(budget_s: float, repeats: int) -> dict:
+    """CUDA: what the stateful step costs beside the floor of a CUDA graph launch (one
+    one-element kernel replayed), and the history update alone beside the forward at 65,536
+    groups, each replayed from a CUDA graph."""
+    one = torch.zeros(1, device="cuda")
+    floor, *_ = harness.time_callable(_graphed(lambda: one.add_(1)), "cuda", budget_s, repeats)
+    x = make_inputs(Size(65536, 16), "cuda")
+    out = raw_advantages(x)(x.rewards)
+    hist = baseline.History(window=WINDOW, min_history=MIN_HISTORY, device="cuda")
+    update = _graphed(lambda: torch.ops.bv_blend.update_history(
+        out[1], hist.ring, hist.count, hist.ema, hist.var, hist.alpha, MIN_HISTORY))
+    t_update, *_ = harness.time_callable(update, "cuda", budget_s, repeats)
+    t_forward, *_ = harness.time_callable(on_cuda_graph(forward(raw_advantages))(x), "cuda",
+                                          budget_s, repeats)
+    return dict(floor_us=floor * 1e6, update_65536_us=t_update * 1e6,
+                forward_65536_us=t_forward * 1e6)
 
 
 def speedups(rows: list[dict]):
@@ -444,6 +515,17 @@ def markdown(run: DeviceRun, repeats: int, command: str) -> str:
                   "|---:|---:|---:|---:|---:|---:|",
                   f"| {clone['rewards']} | {clone['clone_us']:,.0f} | {clone['op_us']:,.0f} | "
                   f"{clone['clone_gbs']:,.0f} | {clone['op_gbs']:,.0f} | {clone['ratio']:.2f} |", ""]
+    if run.floor is not None:
+        floor = run.floor
+        step = speedups(rows).get(("", "step", "1024x16"), {}).get("op_graph")
+        lines += ["## Launch floor and history update (CUDA graph replays)", "",
+                  f"- Floor (one one-element kernel): {floor['floor_us']:.1f} us"]
+        if step is not None:
+            lines.append(f"- Stateful step at 1024x16: {step:.1f} us = "
+                         f"{step / floor['floor_us']:.2f}x the floor (target <= 1.5x)")
+        lines += [f"- History update alone at 65,536 groups: {floor['update_65536_us']:.1f} us; "
+                  f"forward at 65,536x16: {floor['forward_65536_us']:.1f} us (target: update <= "
+                  "forward)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -459,6 +541,15 @@ def targets(target: Target, rows: list[dict]) -> list[str]:
             worst, key = min(eager)
             out.append(f"- {target.who}, {case}: op >= {wanted:g}x eager at every size: "
                        f"{'met' if worst >= wanted else 'MISSED'} (lowest {worst:.1f}x at {key[2]})")
+    if target.keyed_vs_step is not None:
+        for threads, case, size in keys:
+            step = table.get((threads, "step", size), {}).get("op")
+            if (case == "keyed step" and size == target.keyed_size and step is not None
+                    and "op" in table[(threads, case, size)]):
+                ratio = table[(threads, case, size)]["op"] / step
+                out.append(f"- {target.who}, keyed step within {target.keyed_vs_step:g}x of the "
+                           f"step at {size}: {'met' if ratio <= target.keyed_vs_step else 'MISSED'}"
+                           f" ({ratio:.2f}x)")
     for key in keys:
         if key[2] == target.compile_size and "compile" in table[key] and "op" in table[key]:
             ratio = table[key]["compile"] / table[key]["op"]
@@ -543,6 +634,7 @@ def main(argv=None) -> int:
             run.notes += notes
         if device == "cuda" and not args.quick:
             run.clone = clone_ratio(plan.budget_s, plan.repeats)
+            run.floor = launch_floor(plan.budget_s, plan.repeats)
         out = out_dir / device_dir(device)
         out.mkdir(parents=True, exist_ok=True)
         harness.write_csv(out / "op.csv", run.rows)

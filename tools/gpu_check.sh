@@ -28,14 +28,25 @@ step device 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.ma
 step versions 60 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 step build 300 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
   python3 -m pip install -q --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
-step op-tests 240 python3 -m pytest -q -rs -p no:cacheprovider --durations=8 tests/op
+if ! step op-tests 240 python3 -m pytest -q -rs -p no:cacheprovider --durations=8 tests/op; then
+  # A crash ends a serial run early: get the native stack of the crash, then every test's verdict
+  # from xdist workers (a crashed worker is replaced and its test reported as failed).
+  command -v cuda-gdb >/dev/null && step crash-stack 180 cuda-gdb -q -batch -ex run -ex bt \
+    --args python3 -m pytest -q -x -p no:cacheprovider tests/op
+  step op-tests-xdist 240 python3 -m pytest -q -rfEs -p no:cacheprovider -n 4 tests/op
+fi
 compile_flag=(--compile-sizes 1024x16)
 [ "${GPU_CHECK_COMPILE:-1}" = 0 ] && compile_flag=(--no-compile)
 step bench 240 python3 benchmarks/bench_op.py --device cuda --loop-ref-max-groups 0 \
   "${compile_flag[@]}" --out-dir "$out"
-for tool in memcheck racecheck; do
-  step "$tool" 180 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    --log-file "$out/$tool.log" python3 -m pytest -q -x -p no:cacheprovider tests/op/test_op_cuda.py
-done
+# Every CUDA test under memcheck; racecheck (shared memory: the CUB block scans and reductions
+# of the history updates) over the tests that run those kernels, as it is slow.
+cuda_tests=(tests/op/test_op_cuda.py)
+[ -f tests/op/test_op_keyed.py ] && cuda_tests+=(tests/op/test_op_keyed.py)
+step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 --log-file "$out/memcheck.log" \
+  python3 -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
+step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  --log-file "$out/racecheck.log" python3 -m pytest -q -p no:cacheprovider \
+  -k "cuda and (history or step or keyed)" "${cuda_tests[@]}"
 echo "gpu-check: $([ $status -eq 0 ] && echo all steps passed || echo a step failed)" | tee -a "$log"
 exit $status
