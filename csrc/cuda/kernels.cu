@@ -16,7 +16,7 @@ namespace bv_blend::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kHistoryThreads = 256;
+constexpr int kHistoryThreads = 1024;
 
 template <int TEAM, typename T>
 __device__ __forceinline__ T team_sum(T value) {
@@ -205,10 +205,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block: the pushes of a call are ranked by an exclusive scan over "group has a valid reward",
-// so each of the last `window` valid means lands in its ring slot in parallel, and the EMA after m
-// pushes is evaluated in closed form, (1-α)^m·H + Σ_k α(1-α)^(m-1-k)·μ_k, with a fixed-order
-// block reduction. Then the ring's variance is refreshed for the next call. Only finite means
+// One block: each thread owns a contiguous run of groups, so a single block-wide exclusive scan of
+// the threads' valid counts ranks every push; each of the last `window` valid means lands in its
+// ring slot in parallel, and the EMA after m pushes is evaluated in closed form,
+// (1-α)^m·H + Σ_k α(1-α)^(m-1-k)·μ_k, with a fixed-order block reduction. A thread walks its run
+// backwards, so the weights cost one pow per thread and one multiplication per push. Then the ring's variance is refreshed for the next call. Only finite means
 // are pushed; a negative count is read as 0 and the count saturates at INT64_MAX, so no value of
 // the state can make a slot fall outside the ring. It is one long kernel on purpose: counting,
 // ranking, the EMA and the variance run back to back in one launch, which keeps the stateful step
@@ -219,46 +220,40 @@ __device__ __forceinline__ void update_global_history(const acc_t* __restrict__ 
                                                       int64_t window, int64_t* count, double* ema,
                                                       double* var, double alpha,
                                                       int64_t min_history) {
-  using CountReduce = cub::BlockReduce<int64_t, kHistoryThreads>;
   using CountScan = cub::BlockScan<int64_t, kHistoryThreads>;
   using SumReduce = cub::BlockReduce<double, kHistoryThreads>;
   __shared__ union {
-    typename CountReduce::TempStorage count_reduce;
     typename CountScan::TempStorage scan;
     typename SumReduce::TempStorage sum;
   } temp;
-  __shared__ int64_t shared_int;
   __shared__ double shared_double;
   const int tid = threadIdx.x;
   const int64_t pushed_before = *count < 0 ? 0 : *count;
   const double ema_before = *ema;
 
+  const int64_t per_thread = (num_groups + kHistoryThreads - 1) / kHistoryThreads;
+  const int64_t begin = min(tid * per_thread, num_groups);
+  const int64_t end = min(begin + per_thread, num_groups);
   int64_t local_valid = 0;
-  for (int64_t g = tid; g < num_groups; g += kHistoryThreads) local_valid += is_finite(group_mean[g]);
-  const int64_t total_valid = CountReduce(temp.count_reduce).Sum(local_valid);
-  if (tid == 0) shared_int = total_valid;
-  __syncthreads();
-  const int64_t pushes = shared_int;
+  for (int64_t g = begin; g < end; ++g) local_valid += is_finite(group_mean[g]);
+  int64_t first_rank, pushes;
+  CountScan(temp.scan).ExclusiveSum(local_valid, first_rank, pushes);
   __syncthreads();
 
   const double keep = 1.0 - alpha;
   double weighted = 0;
-  int64_t carry = 0;
-  for (int64_t base = 0; base < num_groups; base += kHistoryThreads) {
-    const int64_t g = base + tid;
-    const bool valid = g < num_groups && is_finite(group_mean[g]);
-    int64_t rank, chunk_valid;
-    CountScan(temp.scan).ExclusiveSum(int64_t(valid), rank, chunk_valid);
-    __syncthreads();
-    rank += carry;
-    carry += chunk_valid;
-    if (valid) {
-      const double mu = static_cast<double>(group_mean[g]);
-      if (rank >= pushes - window) {
-        ring[(static_cast<uint64_t>(pushed_before) + rank) % static_cast<uint64_t>(window)] = mu;
-      }
-      weighted += alpha * pow(keep, static_cast<double>(pushes - 1 - rank)) * mu;
+  int64_t rank = first_rank + local_valid;  // one past the rank of this thread's last push
+  double weight = alpha * pow(keep, static_cast<double>(pushes - rank));
+  for (int64_t g = end - 1; g >= begin; --g) {
+    const acc_t value = group_mean[g];
+    if (!is_finite(value)) continue;
+    --rank;
+    const double mu = static_cast<double>(value);
+    if (rank >= pushes - window) {
+      ring[(static_cast<uint64_t>(pushed_before) + rank) % static_cast<uint64_t>(window)] = mu;
     }
+    weighted += weight * mu;
+    weight *= keep;
   }
   const double weighted_sum = SumReduce(temp.sum).Sum(weighted);
   __syncthreads();

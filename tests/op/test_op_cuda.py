@@ -145,6 +145,21 @@ def test_stateful_step_matches_reference():
         assert_history(est, ref, 1e-5)
 
 
+@pytest.mark.parametrize("num_groups", (3, 1024, 1025, 5000, 70_000))
+def test_history_update_of_many_groups_matches_the_sequential_push(num_groups):
+    # The update kernel gives each thread a contiguous run of groups: runs of 0, 1 and many
+    # groups, with unscorable groups between them, must push in group order.
+    group_mean = torch.rand(num_groups, generator=torch.Generator().manual_seed(num_groups))
+    group_mean[torch.rand(num_groups, generator=torch.Generator().manual_seed(1)) < 0.2] = NAN
+    settings = dict(window=64, ema_decay=0.01, initial_baseline=0.5, min_history=2)
+    est, hist = bv_blend_ext.BVBlend(**settings).cuda(), reference.HistoryReference(**settings)
+    for _ in range(2):
+        OPS.update_history(group_mean.cuda(), est.ring, est.count, est.ema, est.var, est.alpha,
+                           est.min_history)
+        hist.push(group_mean)
+    assert_history(est, hist, 1e-10)
+
+
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
 def test_cuda_graph_capture_and_replay_of_the_stateful_step(layout):
     settings = dict(window=5, ema_decay=0.3, initial_baseline=0.1, min_history=2)
