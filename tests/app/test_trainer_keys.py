@@ -214,3 +214,14 @@ def test_num_prompts_revisits_prompts_every_epoch():
     assert sorted(first) == sorted(second) == list(range(5)) and first != second
     stream = prompt_source(get_task("add"), seed=0)
     assert [source.records[i] for i in range(5)] == [stream[i] for i in range(5)]
+
+
+def test_key_settings_from_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("bv_key: column:cluster\nbv_key_ema_decay: 5e-1\nbv_key_min_history: 3\n"
+                    "task: jsonl\ndataset_path: data.jsonl\n")
+    config = GRPOConfig.from_yaml(str(path), bv_key="prompt")
+    assert (config.bv_key, config.key_column) == ("prompt", "prompt")
+    assert (config.bv_key_ema_decay, config.bv_key_min_history) == (0.5, 3)
+    assert GRPOConfig.from_yaml(str(path)).key_column == "cluster"
+    assert GRPOConfig().bv_key == "none" and GRPOConfig().key_column is None
