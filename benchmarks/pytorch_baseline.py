@@ -122,3 +122,73 @@ class History:
         self.ring, self.count, self.ema, self.var = push_history(
             out.group_mean, self.ring, self.count, self.ema, self.alpha, self.min_history)
         return out
+
+
+def keyed_group_history(keys: torch.Tensor, key_count: torch.Tensor, key_mean: torch.Tensor,
+                        key_var: torch.Tensor, ema: torch.Tensor, var: torch.Tensor,
+                        key_min_history: int):
+    """Each group's (H, σ_u²): its key's moments once the key has enough visits, else the global
+    history; keys outside the tables use the global history."""
+    num_keys = key_count.numel()
+    inside = (keys >= 0) & (keys < num_keys)
+    k = keys.clamp(0, num_keys - 1)
+    use_key = inside & (key_count[k] >= key_min_history)
+    return torch.where(use_key, key_mean[k], ema), torch.where(use_key, key_var[k], var)
+
+
+def push_keys(group_mean: torch.Tensor, keys: torch.Tensor, key_count: torch.Tensor,
+              key_mean: torch.Tensor, key_var: torch.Tensor, alpha: float) -> None:
+    """The per-key update of ``reference.KeyedHistoryReference.push_keys``, in place, with
+    gathers and scatters. A key seen several times in one call is updated once per occurrence
+    level (first visits, then second visits...), which keeps group order without a Python loop
+    over groups."""
+    num_keys = key_count.numel()
+    mu = group_mean.detach().to(torch.float64)
+    update = torch.isfinite(mu) & (keys >= 0) & (keys < num_keys)
+    k, mu = keys[update], mu[update]
+    if k.numel() == 0:
+        return
+    sorted_keys, order = torch.sort(k, stable=True)
+    position = torch.arange(k.numel(), device=k.device)
+    new_run = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new_run[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run_start = torch.cummax(torch.where(new_run, position, 0), 0).values
+    occurrence = torch.empty_like(position)
+    occurrence[order] = position - run_start
+    for level in range(int(occurrence.max()) + 1):
+        at = occurrence == level
+        kk, x = k[at], mu[at]
+        n, m, v = key_count[kk], key_mean[kk], key_var[kk]
+        d = x - m
+        first = n == 0
+        key_mean[kk] = torch.where(first, x, m + alpha * d)
+        key_var[kk] = torch.where(first, 0.0, (1 - alpha) * (v + alpha * d * d))
+        key_count[kk] = n + 1
+
+
+class KeyedHistory(History):
+    """Vectorised counterpart of ``reference.KeyedHistoryReference``: per-key tables over the
+    global history, the buffers of a keyed ``bv_blend_ext.BVBlend``."""
+
+    def __init__(self, num_keys: int, key_ema_decay: float = reference.DEFAULT_KEY_EMA_DECAY,
+                 key_min_history: int = 2, device="cpu", **global_history):
+        super().__init__(device=device, **global_history)
+        self.key_alpha = key_ema_decay
+        self.key_min_history = key_min_history
+        self.key_count = torch.zeros(num_keys, dtype=torch.int64, device=device)
+        self.key_mean = torch.zeros(num_keys, dtype=torch.float64, device=device)
+        self.key_var = torch.zeros(num_keys, dtype=torch.float64, device=device)
+
+    def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
+             offsets: torch.Tensor | None = None, keys: torch.Tensor, eps: float = 1e-4,
+             scale: str = "blend") -> BlendOutput:
+        hist_mean, hist_var = keyed_group_history(keys, self.key_count, self.key_mean,
+                                                  self.key_var, self.ema, self.var,
+                                                  self.key_min_history)
+        out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=hist_mean,
+                               hist_var=hist_var, eps=eps, scale=scale)
+        push_keys(out.group_mean, keys, self.key_count, self.key_mean, self.key_var,
+                  self.key_alpha)
+        self.ring, self.count, self.ema, self.var = push_history(
+            out.group_mean, self.ring, self.count, self.ema, self.alpha, self.min_history)
+        return out

@@ -53,3 +53,20 @@ def _group_advantages_backward_fake(grad_advantages, advantages, rewards, offset
 def _update_history_fake(group_mean, ring, count, ema, var, alpha, min_history):
     _check_devices(group_mean, ring=ring, count=count, ema=ema, var=var)
     return None
+
+
+@torch.library.register_fake("bv_blend::keyed_history")
+def _keyed_history_fake(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+                        key_min_history):
+    _check_devices(keys, key_count=key_count, key_mean=key_mean, key_var=key_var,
+                   hist_mean=hist_mean, hist_var=hist_var)
+    out = keys.new_empty(keys.shape, dtype=torch.float64)
+    return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("bv_blend::update_keyed_history")
+def _update_keyed_history_fake(group_mean, keys, key_count, key_mean, key_var, key_alpha, ring,
+                               count, ema, var, alpha, min_history):
+    _check_devices(group_mean, keys=keys, key_count=key_count, key_mean=key_mean,
+                   key_var=key_var, ring=ring, count=count, ema=ema, var=var)
+    return None

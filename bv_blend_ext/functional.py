@@ -38,15 +38,17 @@ def check_call(rewards, group_size, offsets) -> None:
         raise TypeError(f"offsets must be an int64 torch.Tensor, got {type(offsets).__name__}")
 
 
-def history_scalar(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
-    """A 0-dim tensor for H or σ_u². A float is checked at once (finite; σ_u² >= 0); a tensor's
-    value is checked by check_values when validate=True, its kind by the op."""
+def history_stat(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
+    """H or σ_u² as the op takes it: a 0-dim tensor (every group) or a (G,) one (group g uses
+    element g). A float is checked at once (finite; σ_u² >= 0); a tensor's values are checked by
+    check_values when validate=True, its kind and shape by the op."""
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 and value.numel() == 1:
+        if value.dim() > 1 and value.numel() == 1:
             return value.reshape(())
         return value
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a float, a 0-dim tensor or a (G,) tensor, got "
+                        f"{type(value).__name__}")
     value = float(value)
     if not torch.compiler.is_compiling() and not _history_value_ok(name, value):
         raise ValueError(_history_message(name, value))
@@ -62,15 +64,36 @@ def _history_message(name: str, value: float) -> str:
     return f"{name} must be {wanted}, got {value!r}"
 
 
+def history_probe(name: str, value: torch.Tensor) -> torch.Tensor | None:
+    """One 0-dim tensor standing for H or σ_u² given as a tensor: the first element that breaks
+    the rule (finite; σ_u² >= 0), or, when none does, an element that keeps it. None when empty."""
+    if value.dim() == 0:
+        return value
+    if value.numel() == 0:
+        return None
+    good = value.isfinite()
+    if name == "hist_var":
+        good &= value >= 0
+    return value[good.logical_not().to(torch.uint8).argmax()]
+
+
 def check_values(num_rewards: int, offsets: torch.Tensor | None,
-                 history: dict[str, torch.Tensor]) -> None:
-    """The checks that read values in the tensors' memory: offsets start at 0, end at N and never
-    decrease; the history statistics given as tensors are finite (σ_u² >= 0). Call after the op
-    has checked the tensors' dtype, shape and device."""
+                 history: dict[str, torch.Tensor], keys: torch.Tensor | None = None,
+                 num_keys: int | None = None) -> None:
+    """The checks that read values in the tensors' memory, all in one transfer: offsets start at
+    0, end at N and never decrease; the history statistics given as tensors are finite
+    (σ_u² >= 0); keys, when given, lie in [0, num_keys). Call after the op has checked the
+    tensors' dtype, shape and device."""
     probes = []
     if offsets is not None:
         probes += [offsets[0], offsets[-1], (offsets[1:] < offsets[:-1]).any()]
+    history = {name: probe for name, value in history.items()
+               if (probe := history_probe(name, value)) is not None}
     probes += history.values()
+    if keys is not None and keys.numel() > 0:
+        probes += torch.aminmax(keys)
+    else:
+        keys = None
     if not probes:
         return
     values = read_scalars(probes)
@@ -87,6 +110,11 @@ def check_values(num_rewards: int, offsets: torch.Tensor | None,
     for name, value in zip(history, values):
         if not _history_value_ok(name, value):
             raise ValueError(_history_message(name, value))
+    if keys is not None:
+        low, high = (int(v) for v in values[len(history):])
+        if low < 0 or high >= num_keys:
+            raise ValueError(f"keys must be in [0, num_keys) = [0, {num_keys}), "
+                             f"got {low if low < 0 else high}")
 
 
 def read_scalars(scalars: list[torch.Tensor]) -> list[float]:
@@ -108,6 +136,8 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
     """BV-Blend advantages of one call with explicit history statistics H and σ_u².
 
     Groups are given by ``group_size`` (N divisible by it) or by ``offsets`` (G+1 int64 bounds).
+    ``hist_mean`` and ``hist_var`` are each a float or 0-dim tensor shared by every group, or a (G,)
+    tensor, group g then blending with element g.
     ``validate=False`` skips the checks of values in device memory (offsets, tensor H and σ_u²),
     the only ones that make the host wait for the device; the kernels then normalise offsets and
     ignore an unusable history (README, "Validation and its cost").
@@ -116,8 +146,8 @@ def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
     if not compiling:
         check_call(rewards, group_size, offsets)
         check_eps(eps)
-    h = history_scalar(hist_mean, "hist_mean", rewards)
-    u = history_scalar(hist_var, "hist_var", rewards)
+    h = history_stat(hist_mean, "hist_mean", rewards)
+    u = history_stat(hist_var, "hist_var", rewards)
     out = BlendOutput(*torch.ops.bv_blend.group_advantages(
         rewards, offsets, group_size or 0, h, u, float(eps), scale))
     if validate and not compiling:

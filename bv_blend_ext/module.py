@@ -1,5 +1,5 @@
 """BVBlend: the stateful estimator. Its history lives in buffers on the rewards' device, so a
-step is two kernel launches with no host synchronisation and can be captured in a CUDA graph."""
+step runs without host synchronisation and can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import NamedTuple
 import torch
 
 from .functional import check_call, check_eps, check_values
-from .reference import SCALE_MODES, BlendOutput, default_ema_decay
+from .reference import DEFAULT_KEY_EMA_DECAY, SCALE_MODES, BlendOutput, default_ema_decay
+
+KEY_TABLES = ("key_count", "key_mean", "key_var")
 
 
 class BlendStep(NamedTuple):
@@ -20,8 +22,10 @@ class BlendStep(NamedTuple):
     group_mean: torch.Tensor  # (G,); NaN for a group with no valid reward
     group_std: torch.Tensor  # (G,)
     beta: torch.Tensor  # (G,), the history's weight in each group's baseline
-    history_mean: torch.Tensor  # 0-dim float64: the H this call blended with
-    history_var: torch.Tensor  # 0-dim float64: the σ_u² this call used
+    # The H and σ_u² this call blended with: 0-dim float64, or (G,) float64 for a keyed estimator
+    # (each group's, from its key or from the global history).
+    history_mean: torch.Tensor
+    history_var: torch.Tensor
 
 
 class BVBlend(torch.nn.Module):
@@ -30,25 +34,39 @@ class BVBlend(torch.nn.Module):
     Calling it returns the advantages (`step` returns them with every statistic) and then pushes
     every group mean with at least one valid reward into the history, so all groups of a call
     share the pre-call H and σ_u².
+
+    With `num_keys` = K, each call also takes `keys` (G,) int64 in [0, K), a key per group (its
+    prompt, say): a group whose key has been visited at least `key_min_history` times blends with
+    the key's own EMA moments (m_k, v_k, decay `key_ema_decay`) instead of the global H and σ_u²,
+    which every group keeps feeding (reference.KeyedHistoryReference is the specification).
     """
 
     def __init__(self, window: int = 100, ema_decay: float | None = None,
                  initial_baseline: float = 0.0, min_history: int = 2, eps: float = 1e-4,
-                 scale: str = "blend"):
+                 scale: str = "blend", num_keys: int | None = None,
+                 key_ema_decay: float = DEFAULT_KEY_EMA_DECAY, key_min_history: int = 2):
         super().__init__()
         check_settings(window=window, ema_decay=ema_decay, initial_baseline=initial_baseline,
-                       min_history=min_history, eps=eps, scale=scale)
+                       min_history=min_history, eps=eps, scale=scale, num_keys=num_keys,
+                       key_ema_decay=key_ema_decay, key_min_history=key_min_history)
         self.window = window
         self.alpha = default_ema_decay(window) if ema_decay is None else float(ema_decay)
         self.initial_baseline = float(initial_baseline)
         self.min_history = min_history
         self.eps = float(eps)
         self.scale = scale
-        self.num_keys = None  # a single global history
+        self.num_keys = num_keys  # None: a single global history
+        self.key_alpha = float(key_ema_decay)
+        self.key_min_history = key_min_history
         self.register_buffer("ring", torch.zeros(window, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
         self.register_buffer("ema", torch.tensor(self.initial_baseline, dtype=torch.float64))
         self.register_buffer("var", torch.zeros((), dtype=torch.float64))
+        if num_keys is not None:
+            # O(K): a count and two EMA moments per key, no ring.
+            self.register_buffer("key_count", torch.zeros(num_keys, dtype=torch.int64))
+            self.register_buffer("key_mean", torch.zeros(num_keys, dtype=torch.float64))
+            self.register_buffer("key_var", torch.zeros(num_keys, dtype=torch.float64))
 
     @property
     def history_mean(self) -> torch.Tensor:
@@ -65,52 +83,102 @@ class BVBlend(torch.nn.Module):
         self.count.zero_()
         self.ema.fill_(self.initial_baseline)
         self.var.zero_()
+        if self.num_keys is not None:
+            for name in KEY_TABLES:
+                self._buffers[name].zero_()
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
-             offsets: torch.Tensor | None = None, validate: bool = True) -> BlendStep:
+             offsets: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+             validate: bool = True) -> BlendStep:
         """Advantages of one call with everything a trainer logs: the group statistics, β, and
         the H and σ_u² this call blended with (copies: the history has moved on by the return).
-        Then the history is updated."""
-        out, hist_mean, hist_var = self._blend_then_update(rewards, group_size, offsets, validate,
-                                                           return_history=True)
+        Then the history is updated. `keys`: (G,) int64, required exactly when num_keys is set."""
+        out, hist_mean, hist_var = self._blend_then_update(rewards, group_size, offsets, keys,
+                                                           validate, return_history=True)
         return BlendStep(*out, hist_mean, hist_var)
 
     def forward(self, rewards: torch.Tensor, group_size: int | None = None, *,
-                offsets: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+                offsets: torch.Tensor | None = None, keys: torch.Tensor | None = None,
+                validate: bool = True) -> torch.Tensor:
         """The advantages alone (see step for the statistics); then the history is updated."""
-        return self._blend_then_update(rewards, group_size, offsets, validate,
+        return self._blend_then_update(rewards, group_size, offsets, keys, validate,
                                        return_history=False)[0].advantages
 
-    def _blend_then_update(self, rewards, group_size, offsets, validate: bool,
+    def _blend_then_update(self, rewards, group_size, offsets, keys, validate: bool,
                            return_history: bool):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             check_call(rewards, group_size, offsets)
-        keep_history = return_history or (rewards.requires_grad and torch.is_grad_enabled())
-        hist_mean, hist_var = self.ema, self.var
-        moving = hist_mean.device != rewards.device
-        if moving:
-            # The state follows the rewards, but only once the call has passed every check.
-            hist_mean, hist_var = hist_mean.to(rewards.device), hist_var.to(rewards.device)
-        elif keep_history:
-            # The history update below overwrites the buffers in place; autograd and step's
-            # caller need the values this call used.
-            hist_mean, hist_var = hist_mean.clone(), hist_var.clone()
+            self._check_keys(keys, rewards, group_size, offsets)
+        moving = self.ema.device != rewards.device
+
+        def state(name: str) -> torch.Tensor:
+            # The state follows the rewards, but only once the call has passed every check:
+            # until then a call on another device reads copies.
+            buffer = getattr(self, name)
+            return buffer.to(rewards.device) if moving else buffer
+
+        if self.num_keys is None:
+            hist_mean, hist_var = state("ema"), state("var")
+            keep_history = return_history or (rewards.requires_grad and torch.is_grad_enabled())
+            if keep_history and not moving:
+                # The history update below overwrites the buffers in place; autograd and step's
+                # caller need the values this call used.
+                hist_mean, hist_var = hist_mean.clone(), hist_var.clone()
+        else:
+            # Fresh (G,) tensors, which the update below leaves alone.
+            hist_mean, hist_var = torch.ops.bv_blend.keyed_history(
+                keys, state("key_count"), state("key_mean"), state("key_var"), state("ema"),
+                state("var"), self.key_min_history)
         out = BlendOutput(*torch.ops.bv_blend.group_advantages(
             rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
         if validate and not compiling:
-            check_values(rewards.shape[0], offsets, {})
+            check_values(rewards.shape[0], offsets, {}, keys, self.num_keys)
         if moving:
             self.to(rewards.device)
-        torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count, self.ema,
-                                          self.var, self.alpha, self.min_history)
+        if self.num_keys is None:
+            torch.ops.bv_blend.update_history(out.group_mean.detach(), self.ring, self.count,
+                                              self.ema, self.var, self.alpha, self.min_history)
+        else:
+            torch.ops.bv_blend.update_keyed_history(
+                out.group_mean.detach(), keys, self.key_count, self.key_mean, self.key_var,
+                self.key_alpha, self.ring, self.count, self.ema, self.var, self.alpha,
+                self.min_history)
         return out, hist_mean, hist_var
+
+    def _check_keys(self, keys, rewards, group_size, offsets) -> None:
+        """`keys` is given exactly when the estimator is keyed, as (G,) int64 on the rewards'
+        device. (Their values are checked with the other values in device memory.)"""
+        if self.num_keys is None:
+            if keys is not None:
+                raise ValueError("keys were given but this estimator has no per-key history "
+                                 "(num_keys=None)")
+            return
+        if keys is None:
+            raise ValueError(f"keys (G,) int64 are required: this estimator keeps a per-key "
+                             f"history (num_keys={self.num_keys})")
+        if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
+            kind = keys.dtype if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ValueError(f"keys must be an int64 tensor, got {kind}")
+        num_groups = (offsets.shape[0] - 1 if offsets is not None
+                      else rewards.shape[0] // group_size if rewards.dim() == 1 else None)
+        if keys.dim() != 1 or (num_groups is not None and keys.shape[0] != num_groups):
+            raise ValueError(f"keys must have shape (G,) = ({num_groups},), one per group, got "
+                             f"{tuple(keys.shape)}")
+        if keys.device != rewards.device:
+            raise ValueError(f"keys must be on the rewards' device ({rewards.device}), got "
+                             f"{keys.device}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checked before anything is copied, so a corrupted or hand-edited state (a checkpoint
         # file, say) raises here and leaves the estimator as it was.
-        check_history_state({name: state_dict[prefix + name] for name in self._buffers
-                             if prefix + name in state_dict}, self.window)
+        given = {name: state_dict[prefix + name] for name in self._buffers
+                 if prefix + name in state_dict}
+        check_history_state({name: value for name, value in given.items()
+                             if name not in KEY_TABLES}, self.window)
+        if self.num_keys is not None:
+            check_key_state({name: value for name, value in given.items() if name in KEY_TABLES},
+                            self.num_keys)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -124,12 +192,16 @@ class BVBlend(torch.nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        keyed = ("" if self.num_keys is None else
+                 f", num_keys={self.num_keys}, key_ema_decay={self.key_alpha:g}, "
+                 f"key_min_history={self.key_min_history}")
         return (f"window={self.window}, ema_decay={self.alpha:g}, initial_baseline="
                 f"{self.initial_baseline:g}, min_history={self.min_history}, eps={self.eps:g}, "
-                f"scale={self.scale!r}")
+                f"scale={self.scale!r}{keyed}")
 
 
 def check_settings(*, window, ema_decay, initial_baseline, min_history, eps, scale,
+                   num_keys=None, key_ema_decay=DEFAULT_KEY_EMA_DECAY, key_min_history=2,
                    names: dict[str, str] | None = None) -> None:
     """Raise ValueError for a BVBlend setting that is out of range. The estimator checks its own
     settings with this; a configuration that builds one later (a trainer's) calls it up front,
@@ -153,6 +225,16 @@ def check_settings(*, window, ema_decay, initial_baseline, min_history, eps, sca
     check_eps(eps, name("eps"))
     if scale not in SCALE_MODES:
         raise ValueError(f"{name('scale')} must be one of {SCALE_MODES}, got {scale!r}")
+    if num_keys is not None and (isinstance(num_keys, bool) or not isinstance(num_keys, int)
+                                 or num_keys < 1):
+        raise ValueError(f"{name('num_keys')} must be None or an int >= 1, got {num_keys!r}")
+    if (isinstance(key_ema_decay, bool) or not isinstance(key_ema_decay, Real)
+            or not 0 < key_ema_decay <= 1):
+        raise ValueError(f"{name('key_ema_decay')} must be in (0, 1], got {key_ema_decay!r}")
+    if (isinstance(key_min_history, bool) or not isinstance(key_min_history, int)
+            or key_min_history < 1):
+        raise ValueError(f"{name('key_min_history')} must be an int >= 1, "
+                         f"got {key_min_history!r}")
 
 
 def check_history_state(state: dict, window: int) -> None:
@@ -186,3 +268,29 @@ def check_history_state(state: dict, window: int) -> None:
         number = value.item()
         if not math.isfinite(number) or (name != "ema" and number < 0):
             raise ValueError(f"history state {name!r} must be {wanted}, got {number!r}")
+
+
+def check_key_state(state: dict, num_keys: int) -> None:
+    """Raise ValueError naming the field unless `state` (any subset of key_count, key_mean,
+    key_var) is a per-key history of `num_keys` keys: each of shape (num_keys,), key_count
+    integers >= 0, key_mean finite floats, key_var finite floats >= 0."""
+    wanted = {"key_count": "integers >= 0", "key_mean": "finite floats",
+              "key_var": "finite floats >= 0"}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"history state {name!r} must be a tensor, got "
+                             f"{type(value).__name__}")
+        integer = name == "key_count"
+        right_kind = (value.is_floating_point() if not integer else
+                      not value.is_floating_point() and not value.is_complex()
+                      and value.dtype != torch.bool)
+        if value.shape != (num_keys,) or not right_kind:
+            kind = "an integer" if integer else "a float"
+            raise ValueError(f"history state {name!r} must be {kind} tensor of shape "
+                             f"({num_keys},) (num_keys), got {value.dtype} of shape "
+                             f"{tuple(value.shape)}")
+        good = value >= 0 if integer else value.isfinite()
+        if name == "key_var":
+            good &= value >= 0
+        if not bool(good.all()):
+            raise ValueError(f"history state {name!r} must hold {wanted[name]}")

@@ -74,12 +74,13 @@ BVB_HOST_DEVICE acc_t batch_scale_coefficient(acc_t grad_dot_adv, acc_t count, a
 
 // The formulas of blend_group and group_gradient are written once, for a value type `V` that is
 // either acc_t (one group: the CUDA kernels and the CPU's general path) or a CPU SIMD vector of
-// acc_t holding one group per lane (the CPU's fixed-size path). `Ops` supplies the two operations
-// whose spelling differs: select(mask, a, b) (both arms are evaluated; the unselected one may be
-// NaN or inf, never trapped) and sqrt. The lanes compute exactly the scalar operations, so both
+// acc_t holding one group per lane (the CPU's fixed-size path). `Ops` names acc_t (`scalar`) and
+// supplies the two operations whose spelling differs: select(mask, a, b) (both arms are
+// evaluated; the unselected one may be NaN or inf, never trapped) and sqrt. The lanes compute exactly the scalar operations, so both
 // CPU paths give the same bits.
 template <typename acc_t>
 struct ScalarOps {
+  using scalar = acc_t;
   BVB_HOST_DEVICE static acc_t select(bool mask, acc_t a, acc_t b) { return mask ? a : b; }
   BVB_HOST_DEVICE static acc_t sqrt(acc_t x) { return std::sqrt(x); }
 };
@@ -97,10 +98,11 @@ struct BlendLanes {
   M usable;
 };
 
-// count_minus_one: the number of valid rewards minus one, in acc_t (at least 0).
-template <typename Ops, typename V, typename acc_t>
+// count_minus_one: the number of valid rewards minus one, in acc_t (at least 0). The history
+// `Hist` is acc_t (one H and σ_u² for every lane) or V (each lane's group its own).
+template <typename Ops, typename V, typename Hist, typename acc_t>
 BVB_HOST_DEVICE BlendLanes<V, decltype(V{} > V{})> blend_lanes(
-    V count_minus_one, V mean, V sq_dev, acc_t hist_mean, acc_t hist_var, acc_t eps,
+    V count_minus_one, V mean, V sq_dev, Hist hist_mean, Hist hist_var, acc_t eps,
     ScaleMode mode, acc_t batch_scale) {
   const V zero{};
   BlendLanes<V, decltype(V{} > V{})> g;
@@ -167,11 +169,12 @@ struct GradientLanes {
 };
 
 // The lane form of group_gradient (see blend_lanes): count and count_minus_one in acc_t.
-template <typename Ops, typename V, typename M, typename acc_t>
+template <typename Ops, typename V, typename M, typename Hist>
 BVB_HOST_DEVICE GradientLanes<V> gradient_lanes(const BlendLanes<V, M>& g, V count,
-                                                V count_minus_one, V mean, acc_t hist_mean,
-                                                acc_t hist_var, ScaleMode mode, V sum_grad,
+                                                V count_minus_one, V mean, Hist hist_mean,
+                                                Hist hist_var, ScaleMode mode, V sum_grad,
                                                 V sum_grad_centered) {
+  using acc_t = typename Ops::scalar;
   const V zero{};
   GradientLanes<V> out;
   const V inv_scale = g.inv_scale;  // 0 when the group is not usable
@@ -208,6 +211,52 @@ BVB_HOST_DEVICE GradientLanes<acc_t> group_gradient(const GroupBlend<acc_t>& g, 
       static_cast<const BlendLanes<acc_t, bool>&>(g), acc_t(g.count),
       acc_t(g.count > 0 ? g.count - 1 : 0), g.mean, hist_mean, hist_var, mode, sum_grad,
       sum_grad_centered);
+}
+
+// ---- Per-key history ----------------------------------------------------------------------------
+// Key k holds a visit count n_k and EMA moments (m_k, v_k) of the group means it has seen.
+
+// The (H, σ_u²) a group with key `key` blends with: its key's moments once the key has been
+// visited min_history times, else the global history. A key outside [0, num_keys) (possible only
+// past validation) reads nothing and uses the global history.
+BVB_HOST_DEVICE bool key_in_range(int64_t key, int64_t num_keys) {
+  return static_cast<uint64_t>(key) < static_cast<uint64_t>(num_keys);
+}
+
+// Products and sums rounded one by one on both devices: nvcc would otherwise fuse a*b + c into
+// one FMA, and the key moments could not match the CPU's bit for bit.
+BVB_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+BVB_HOST_DEVICE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// One visit of a key by a group mean `mu` (finite): the first visit (a count <= 0, which only a
+// corrupted state read past validation holds below 0) sets m = mu, v = 0; later ones
+// d = mu - m, m += α·d, v = (1 - α)·(v + α·d²). The count saturates at INT64_MAX.
+BVB_HOST_DEVICE void visit_key(int64_t& count, double& mean, double& var, double mu,
+                               double alpha) {
+  if (count <= 0) {
+    mean = mu;
+    var = 0.0;
+    count = 1;
+    return;
+  }
+  const double d = add_rn(mu, -mean);
+  const double step = mul_rn(alpha, d);
+  mean = add_rn(mean, step);
+  var = mul_rn(add_rn(1.0, -alpha), add_rn(var, mul_rn(step, d)));
+  if (count < INT64_MAX) ++count;
 }
 
 }  // namespace bv_blend

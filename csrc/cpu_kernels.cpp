@@ -3,7 +3,7 @@
 // float32/float64 rewards run several groups at once, one per SIMD lane (16-byte vectors, or
 // 32-byte AVX2 vectors for float32 where the CPU has AVX2), with the per-group path's summation
 // order, so that they give the per-group path's bits (see "Fixed group sizes" below).
-// (-Wpsabi: blend_lanes returns 32-byte vectors to the AVX2 path below, which inlines it; GCC
+// (-Wpsabi: blend_lanes takes and returns 32-byte vectors in the AVX2 path below, which inlines it; GCC
 // warns about the ABI of an out-of-line call that never happens.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -201,6 +202,7 @@ std::pair<acc_t, acc_t> grad_moments(const scalar_t* p, const scalar_t* grad, in
 
 template <typename acc_t>
 struct VectorOps {
+  using scalar = acc_t;
   using vec = typename Lanes<acc_t>::vec;
   template <typename M>
   static vec select(M mask, vec a, vec b) {
@@ -356,6 +358,7 @@ typedef float vec4 __attribute__((vector_size(16)));
 typedef int ivec8 __attribute__((vector_size(32)));
 
 struct Ops {
+  using scalar = float;
   template <typename M>
   static vec8 select(M mask, vec8 a, vec8 b) {
     return mask ? a : b;
@@ -435,13 +438,13 @@ inline bool moments(const float* r, vec8& mean, vec8& sq_dev) {
 
 template <int K>
 __attribute__((flatten)) bool forward_block(const float* r, float* adv, float* mean_out,
-                                            float* std_out, float* beta_out, float hist_mean,
-                                            float hist_var, float eps, ScaleMode mode,
-                                            float batch_scale) {
+                                            float* std_out, float* beta_out,
+                                            const float* hist_mean, const float* hist_var,
+                                            float eps, ScaleMode mode, float batch_scale) {
   vec8 mean, sq_dev;
   if (!moments<K>(r, mean, sq_dev)) return false;
-  const auto b = blend_lanes<Ops>(vec8{} + float(K - 1), mean, sq_dev, hist_mean, hist_var, eps,
-                                  mode, batch_scale);
+  const auto b = blend_lanes<Ops>(vec8{} + float(K - 1), mean, sq_dev, load8(hist_mean),
+                                  load8(hist_var), eps, mode, batch_scale);
   store8(mean_out, mean);
   store8(std_out, Ops::sqrt(b.var));
   store8(beta_out, b.beta);
@@ -456,9 +459,11 @@ __attribute__((flatten)) bool forward_block(const float* r, float* adv, float* m
 
 template <int K>
 __attribute__((flatten)) bool backward_block(const float* r, const float* grad, float* out,
-                                             float hist_mean, float hist_var, float eps,
+                                             const float* hist_mean_lanes,
+                                             const float* hist_var_lanes, float eps,
                                              ScaleMode mode, float batch_scale, float batch_mean,
                                              float batch_coef) {
+  const vec8 hist_mean = load8(hist_mean_lanes), hist_var = load8(hist_var_lanes);
   vec8 mean, sq_dev;
   if (!moments<K>(r, mean, sq_dev)) return false;
   vec8 sum_grad = {}, sum_grad_centered = {};
@@ -597,14 +602,43 @@ double cpu_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
   return deterministic_sum(a.numel(), [&](int64_t i) { return ap[i] * bp[i]; });
 }
 
-// A 0-dim CPU tensor's value; reads float64 (what BVBlend's buffers hold) without a dispatch.
-double cpu_scalar(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
+// H and σ_u² as the CPU kernels read them: float64, group g's at g * stride, where the stride is 0
+// for a 0-dim statistic shared by every group. Each group's pair passes through usable_history on
+// its own, so a (G,) statistic holding one value gives the bits of that value as a scalar.
+struct CpuHistory {
+  at::Tensor mean_values, var_values;  // float64 and contiguous: the inputs or converted copies
+  const double* mean;
+  const double* var;
+  int64_t mean_stride, var_stride;
+
+  template <typename acc_t>
+  History<acc_t> at(int64_t group) const {
+    return usable_history<acc_t>(acc_t(mean[group * mean_stride]),
+                                 acc_t(var[group * var_stride]));
+  }
+
+  // The histories of groups [first, first + n), for the lanes of a block.
+  template <typename acc_t>
+  void fill(int64_t first, int n, acc_t* means, acc_t* vars) const {
+    for (int l = 0; l < n; ++l) {
+      const History<acc_t> h = at<acc_t>(first + l);
+      means[l] = h.mean;
+      vars[l] = h.var;
+    }
+  }
+};
+
+at::Tensor as_contiguous_double(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble && t.is_contiguous() ? t : t.to(at::kDouble).contiguous();
 }
 
-template <typename acc_t>
-History<acc_t> cpu_history(const at::Tensor& hist_mean, const at::Tensor& hist_var) {
-  return usable_history<acc_t>(acc_t(cpu_scalar(hist_mean)), acc_t(cpu_scalar(hist_var)));
+CpuHistory cpu_history(const at::Tensor& hist_mean, const at::Tensor& hist_var) {
+  CpuHistory h{as_contiguous_double(hist_mean), as_contiguous_double(hist_var)};
+  h.mean = h.mean_values.const_data_ptr<double>();
+  h.var = h.var_values.const_data_ptr<double>();
+  h.mean_stride = hist_mean.dim() == 0 ? 0 : 1;
+  h.var_stride = hist_var.dim() == 0 ? 0 : 1;
+  return h;
 }
 
 // Writes 0 to the rewards that no group covers: those before offsets[0] and from offsets[G] on
@@ -669,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
                                   "group_advantages_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
     using L = Lanes<acc_t>;
-    const auto history = cpu_history<acc_t>(hist_mean, hist_var);
+    const CpuHistory history = cpu_history(hist_mean, hist_var);
     const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     scalar_t* adv = advantages.data_ptr<scalar_t>();
     zero_uncovered(in, adv);
@@ -685,17 +719,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
 #if defined(BVB_CPU_AVX2)
         if constexpr (std::is_same_v<acc_t, float>) {
           if (use_avx2()) {
+            float hm[8], hv[8];
+            history.fill<float>(g0, 8, hm, hv);
             return avx2::forward_block<K>(rb, reinterpret_cast<float*>(adv) + g0 * K,
-                                          mean_out + g0, std_out + g0, beta_out + g0,
-                                          history.mean, history.var, acc_t(eps), in.mode,
-                                          acc_t(batch_scale));
+                                          mean_out + g0, std_out + g0, beta_out + g0, hm, hv,
+                                          acc_t(eps), in.mode, acc_t(batch_scale));
           }
         }
 #endif
         BlockMoments<K, acc_t> m;
         if (!m.compute(rb)) return false;
+        acc_t hm[L::size], hv[L::size];
+        history.fill<acc_t>(g0, L::size, hm, hv);
         const auto b = blend_lanes<VectorOps<acc_t>>(vec{} + acc_t(K - 1), m.mean, m.sq_dev,
-                                                     history.mean, history.var, acc_t(eps),
+                                                     load_lanes(hm), load_lanes(hv), acc_t(eps),
                                                      in.mode, acc_t(batch_scale));
         store_lanes(mean_out + g0, m.mean);
         store_lanes(std_out + g0, VectorOps<acc_t>::sqrt(b.var));
@@ -719,8 +756,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
         std::fill(adv + start, adv + start + n, scalar_t(0));
         return;
       }
-      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
-                                        acc_t(eps), in.mode, acc_t(batch_scale));
+      const History<acc_t> h = history.at<acc_t>(g);
+      const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, h.mean, h.var, acc_t(eps),
+                                        in.mode, acc_t(batch_scale));
       mean_out[g] = b.mean;
       std_out[g] = std::sqrt(b.var);
       beta_out[g] = b.beta;
@@ -762,7 +800,7 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
                                   "group_advantages_backward_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
     using L = Lanes<acc_t>;
-    const auto history = cpu_history<acc_t>(hist_mean, hist_var);
+    const CpuHistory history = cpu_history(hist_mean, hist_var);
     const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* out = grad_rewards.data_ptr<scalar_t>();
@@ -776,10 +814,11 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
 #if defined(BVB_CPU_AVX2)
         if constexpr (std::is_same_v<acc_t, float>) {
           if (use_avx2()) {
-            return avx2::backward_block<K>(rb, gb, reinterpret_cast<float*>(out) + g0 * K,
-                                           history.mean, history.var, acc_t(eps), in.mode,
-                                           acc_t(batch_scale), acc_t(batch_mean),
-                                           acc_t(batch_coef));
+            float hm[8], hv[8];
+            history.fill<float>(g0, 8, hm, hv);
+            return avx2::backward_block<K>(rb, gb, reinterpret_cast<float*>(out) + g0 * K, hm,
+                                           hv, acc_t(eps), in.mode, acc_t(batch_scale),
+                                           acc_t(batch_mean), acc_t(batch_coef));
           }
         }
 #endif
@@ -790,12 +829,14 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
           return std::pair<vec, vec>{g, g * (load_lanes(rb + i) - m.mean[h])};
         });
         const vec count_minus_one = vec{} + acc_t(K - 1);
-        const auto b = blend_lanes<VectorOps<acc_t>>(count_minus_one, m.mean, m.sq_dev,
-                                                     history.mean, history.var, acc_t(eps),
-                                                     in.mode, acc_t(batch_scale));
+        acc_t hm_lanes[L::size], hv_lanes[L::size];
+        history.fill<acc_t>(g0, L::size, hm_lanes, hv_lanes);
+        const vec hm = load_lanes(hm_lanes), hv = load_lanes(hv_lanes);
+        const auto b = blend_lanes<VectorOps<acc_t>>(count_minus_one, m.mean, m.sq_dev, hm, hv,
+                                                     acc_t(eps), in.mode, acc_t(batch_scale));
         const auto c = gradient_lanes<VectorOps<acc_t>>(b, vec{} + acc_t(K), count_minus_one,
-                                                        m.mean, history.mean, history.var,
-                                                        in.mode, sum_grad, sum_grad_centered);
+                                                        m.mean, hm, hv, in.mode, sum_grad,
+                                                        sum_grad_centered);
         const vec batch_coef_lanes =
             VectorOps<acc_t>::select(b.usable, vec{} + acc_t(batch_coef), vec{});
         acc_t* ob = reinterpret_cast<acc_t*>(out) + g0 * K;
@@ -824,9 +865,10 @@ at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Te
         constexpr bool kMasked = decltype(masked)::value;
         const auto [sum_grad, sum_grad_centered] =
             grad_moments<kMasked, K, scalar_t, acc_t>(r + start, gr + start, n, m.mean);
-        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
-                                          acc_t(eps), in.mode, acc_t(batch_scale));
-        const auto c = group_gradient<acc_t>(b, history.mean, history.var, in.mode, sum_grad,
+        const History<acc_t> h = history.at<acc_t>(g);
+        const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, h.mean, h.var, acc_t(eps),
+                                          in.mode, acc_t(batch_scale));
+        const auto c = group_gradient<acc_t>(b, h.mean, h.var, in.mode, sum_grad,
                                              sum_grad_centered);
         const acc_t group_batch_coef = b.usable ? acc_t(batch_coef) : acc_t(0);
         L::for_each(n, [&](int64_t i, int64_t count) {
@@ -911,10 +953,9 @@ double ring_variance(const double* ring, int64_t entries, int64_t min_history) {
   return sq / double(entries - 1);
 }
 
-void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::Tensor& count,
-                        at::Tensor& ema, at::Tensor& var, double alpha, int64_t min_history) {
-  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
-  const at::Tensor group_mean = group_mean_in.contiguous();
+// The global half of both history updates: group_mean already checked and contiguous.
+void update_global_history(const at::Tensor& group_mean, at::Tensor& ring, at::Tensor& count,
+                           at::Tensor& ema, at::Tensor& var, double alpha, int64_t min_history) {
   const int64_t window = ring.numel();
   int64_t& pushed = *count.data_ptr<int64_t>();
   double& h = *ema.data_ptr<double>();
@@ -925,12 +966,137 @@ void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::T
   *var.data_ptr<double>() = ring_variance(ring.data_ptr<double>(), std::min(pushed, window), min_history);
 }
 
+void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::Tensor& count,
+                        at::Tensor& ema, at::Tensor& var, double alpha, int64_t min_history) {
+  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
+  update_global_history(group_mean_in.contiguous(), ring, count, ema, var, alpha, min_history);
+}
+
+// ---- Per-key history ----------------------------------------------------------------------------
+// Keys are typically prompt ids drawn at random from a large table (K ~ 10^6: 24 MB over three
+// arrays), so nearly every table read misses the cache. Both passes prefetch the entries of the
+// group kPrefetchDistance ahead, which keeps that many misses in flight instead of one; the
+// update then finds the lines the gather has just brought in.
+constexpr int64_t kPrefetchDistance = 16;
+
+// Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
+constexpr int64_t kGatherGrain = 4096;
+
+// Below this many groups the key update runs on one thread, in group order. Above, each task owns
+// a range of keys and walks every group in order, updating its own keys only: every key still sees
+// its visits in group order, so the tables get the same bits for any thread count.
+constexpr int64_t kParallelKeyUpdate = 65536;
+
+inline void prefetch_key(const int64_t* keys, int64_t g, int64_t end, int64_t num_keys,
+                         const int64_t* count, const double* mean, const double* var) {
+  if (g >= end) return;
+  const int64_t k = keys[g];
+  if (!key_in_range(k, num_keys)) return;
+  __builtin_prefetch(count + k, 0, 3);
+  __builtin_prefetch(mean + k, 0, 3);
+  __builtin_prefetch(var + k, 0, 3);
+}
+
+double cpu_scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
+}
+
+std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys_in,
+                                                     const at::Tensor& key_count,
+                                                     const at::Tensor& key_mean,
+                                                     const at::Tensor& key_var,
+                                                     const at::Tensor& hist_mean,
+                                                     const at::Tensor& hist_var,
+                                                     int64_t key_min_history) {
+  check_keyed_history_inputs(keys_in, key_count, key_mean, key_var, hist_mean, hist_var,
+                             key_min_history);
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
+  const auto options = keys.options().dtype(at::kDouble);
+  at::Tensor group_mean = at::empty({num_groups}, options);
+  at::Tensor group_var = at::empty({num_groups}, options);
+  const double global_mean = cpu_scalar(hist_mean), global_var = cpu_scalar(hist_var);
+  const int64_t* k_ptr = keys.const_data_ptr<int64_t>();
+  const int64_t* count = key_count.const_data_ptr<int64_t>();
+  const double* mean = key_mean.const_data_ptr<double>();
+  const double* var = key_var.const_data_ptr<double>();
+  double* mean_out = group_mean.data_ptr<double>();
+  double* var_out = group_var.data_ptr<double>();
+  at::parallel_for(0, num_groups, kGatherGrain, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < std::min(last, first + kPrefetchDistance); ++g) {
+      prefetch_key(k_ptr, g, last, num_keys, count, mean, var);
+    }
+    for (int64_t g = first; g < last; ++g) {
+      prefetch_key(k_ptr, g + kPrefetchDistance, last, num_keys, count, mean, var);
+      const int64_t k = k_ptr[g];
+      const bool keyed = key_in_range(k, num_keys) && count[k] >= key_min_history;
+      mean_out[g] = keyed ? mean[k] : global_mean;
+      var_out[g] = keyed ? var[k] : global_var;
+    }
+  });
+  return {group_mean, group_var};
+}
+
+// Visits of keys in [first_key, last_key) by the groups in order (see visit_key).
+template <typename acc_t>
+void visit_keys(const acc_t* group_mean, const int64_t* keys, int64_t num_groups, int64_t first_key,
+                int64_t last_key, double alpha, int64_t* count, double* mean, double* var) {
+  const auto owned = [&](int64_t k) { return k >= first_key && k < last_key; };
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (g + kPrefetchDistance < num_groups && owned(keys[g + kPrefetchDistance])) {
+      const int64_t ahead = keys[g + kPrefetchDistance];
+      __builtin_prefetch(count + ahead, 1, 3);
+      __builtin_prefetch(mean + ahead, 1, 3);
+      __builtin_prefetch(var + ahead, 1, 3);
+    }
+    const int64_t k = keys[g];
+    const double mu = static_cast<double>(group_mean[g]);
+    if (!owned(k) || !is_finite(mu)) continue;
+    visit_key(count[k], mean[k], var[k], mu, alpha);
+  }
+}
+
+void update_keyed_history_cpu(const at::Tensor& group_mean_in, const at::Tensor& keys_in,
+                              at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
+                              double key_alpha, at::Tensor& ring, at::Tensor& count,
+                              at::Tensor& ema, at::Tensor& var, double alpha,
+                              int64_t min_history) {
+  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
+  check_keyed_update_inputs(group_mean_in, keys_in, key_count, key_mean, key_var, key_alpha);
+  const at::Tensor group_mean = group_mean_in.contiguous();
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
+  AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_keyed_history_cpu", [&] {
+    const scalar_t* means = group_mean.const_data_ptr<scalar_t>();
+    const int64_t* k_ptr = keys.const_data_ptr<int64_t>();
+    int64_t* counts = key_count.data_ptr<int64_t>();
+    double* key_means = key_mean.data_ptr<double>();
+    double* key_vars = key_var.data_ptr<double>();
+    if (num_groups < kParallelKeyUpdate) {
+      visit_keys(means, k_ptr, num_groups, 0, num_keys, key_alpha, counts, key_means, key_vars);
+      return;
+    }
+    const int64_t tasks = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t keys_per_task = (num_keys + tasks - 1) / tasks;
+    at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        visit_keys(means, k_ptr, num_groups, t * keys_per_task,
+                   std::min(num_keys, (t + 1) * keys_per_task), key_alpha, counts, key_means,
+                   key_vars);
+      }
+    });
+  });
+  update_global_history(group_mean, ring, count, ema, var, alpha, min_history);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bv_blend, CPU, m) {
   m.impl("group_advantages", &group_advantages_cpu);
   m.impl("group_advantages_backward", &group_advantages_backward_cpu);
   m.impl("update_history", &update_history_cpu);
+  m.impl("keyed_history", &keyed_history_cpu);
+  m.impl("update_keyed_history", &update_keyed_history_cpu);
 }
 
 }  // namespace bv_blend

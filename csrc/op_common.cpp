@@ -21,25 +21,20 @@ at::ScalarType accumulation_type(at::ScalarType reward_type) {
   return reward_type == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-static void check_scalar_stat(const at::Tensor& stat, const at::Tensor& rewards, const char* name) {
-  TORCH_CHECK_VALUE(stat.dim() == 0, name, " must be a 0-dim tensor, got shape ", stat.sizes());
+// H or σ_u²: 0-dim (shared by every group) or (G,) (group g uses element g).
+static void check_history_stat(const at::Tensor& stat, const at::Tensor& rewards,
+                               int64_t num_groups, const char* name) {
+  TORCH_CHECK_VALUE(stat.dim() == 0 || (stat.dim() == 1 && stat.size(0) == num_groups), name,
+                    " must be a 0-dim tensor or of shape (G,) = (", num_groups,
+                    ",) (one value per group), got shape ", stat.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(stat.scalar_type()), name,
                    " must be a floating-point tensor, got ", stat.scalar_type());
   TORCH_CHECK_VALUE(stat.device() == rewards.device(), name, " must be on the rewards' device (",
                     rewards.device(), "), got ", stat.device());
 }
 
-int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
-                           int64_t group_size, const at::Tensor& hist_mean,
-                           const at::Tensor& hist_var, double eps) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D (N,), got shape ", rewards.sizes());
-  const auto dtype = rewards.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
-                       dtype == at::kDouble,
-                   "rewards must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
-  check_scalar_stat(hist_mean, rewards, "hist_mean");
-  check_scalar_stat(hist_var, rewards, "hist_var");
+static int64_t count_groups(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                            int64_t group_size) {
   const int64_t n = rewards.numel();
   if (offsets.has_value()) {
     TORCH_CHECK_VALUE(group_size == 0, "pass exactly one of group_size and offsets, got both "
@@ -57,6 +52,21 @@ int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Te
   TORCH_CHECK_VALUE(n % group_size == 0, "group_size (", group_size,
                     ") must divide the number of rewards (", n, ")");
   return n / group_size;
+}
+
+int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                           int64_t group_size, const at::Tensor& hist_mean,
+                           const at::Tensor& hist_var, double eps) {
+  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D (N,), got shape ", rewards.sizes());
+  const auto dtype = rewards.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                       dtype == at::kDouble,
+                   "rewards must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  const int64_t num_groups = count_groups(rewards, offsets, group_size);
+  check_history_stat(hist_mean, rewards, num_groups, "hist_mean");
+  check_history_stat(hist_var, rewards, num_groups, "hist_var");
+  return num_groups;
 }
 
 // Offsets as the kernels read them: clamped to [0, N] and made non-decreasing (each bound at
@@ -136,6 +146,59 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
   }
   TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "ema_decay (alpha) must be in (0, 1], got ", alpha);
   TORCH_CHECK_VALUE(min_history >= 0, "min_history must be >= 0, got ", min_history);
+}
+
+void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
+                      const at::Tensor& key_mean, const at::Tensor& key_var) {
+  TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong, "keys must be int64, got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(keys.dim() == 1, "keys must be 1-D (G,), got shape ", keys.sizes());
+  TORCH_CHECK_TYPE(key_count.scalar_type() == at::kLong, "key_count must be int64, got ",
+                   key_count.scalar_type());
+  TORCH_CHECK_TYPE(key_mean.scalar_type() == at::kDouble && key_var.scalar_type() == at::kDouble,
+                   "key_mean and key_var must be float64, got ", key_mean.scalar_type(), " and ",
+                   key_var.scalar_type());
+  TORCH_CHECK_VALUE(key_count.dim() == 1 && key_count.numel() >= 1 &&
+                        key_mean.sizes() == key_count.sizes() &&
+                        key_var.sizes() == key_count.sizes(),
+                    "key_count, key_mean and key_var must be 1-D of one length num_keys >= 1, "
+                    "got shapes ", key_count.sizes(), ", ", key_mean.sizes(), ", ",
+                    key_var.sizes());
+  for (const auto& [tensor, name] : {std::pair{&key_count, "key_count"},
+                                     std::pair{&key_mean, "key_mean"},
+                                     std::pair{&key_var, "key_var"}}) {
+    TORCH_CHECK_VALUE(tensor->device() == keys.device(), name, " must be on the keys' device (",
+                      keys.device(), "), got ", tensor->device());
+    TORCH_CHECK_VALUE(tensor->is_contiguous(), name, " must be contiguous");
+  }
+}
+
+void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,
+                                const at::Tensor& key_mean, const at::Tensor& key_var,
+                                const at::Tensor& hist_mean, const at::Tensor& hist_var,
+                                int64_t key_min_history) {
+  check_key_tables(keys, key_count, key_mean, key_var);
+  for (const auto& [tensor, name] : {std::pair{&hist_mean, "hist_mean"},
+                                     std::pair{&hist_var, "hist_var"}}) {
+    TORCH_CHECK_VALUE(tensor->dim() == 0, name, " must be a 0-dim tensor (the global history), "
+                      "got shape ", tensor->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()), name,
+                     " must be a floating-point tensor, got ", tensor->scalar_type());
+    TORCH_CHECK_VALUE(tensor->device() == keys.device(), name, " must be on the keys' device (",
+                      keys.device(), "), got ", tensor->device());
+  }
+  TORCH_CHECK_VALUE(key_min_history >= 1, "key_min_history must be >= 1, got ", key_min_history);
+}
+
+void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& keys,
+                               const at::Tensor& key_count, const at::Tensor& key_mean,
+                               const at::Tensor& key_var, double key_alpha) {
+  check_key_tables(keys, key_count, key_mean, key_var);
+  TORCH_CHECK_VALUE(keys.sizes() == group_mean.sizes(), "keys must have group_mean's shape ",
+                    group_mean.sizes(), " (one key per group), got ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.device() == group_mean.device(), "keys must be on group_mean's device (",
+                    group_mean.device(), "), got ", keys.device());
+  TORCH_CHECK_VALUE(key_alpha > 0 && key_alpha <= 1,
+                    "key_ema_decay (key_alpha) must be in (0, 1], got ", key_alpha);
 }
 
 }  // namespace bv_blend

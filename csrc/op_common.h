@@ -17,6 +17,7 @@ ScaleMode parse_scale(std::string_view scale);
 at::ScalarType accumulation_type(at::ScalarType reward_type);
 
 // Checks what can be checked without reading device memory and returns the number of groups.
+// hist_mean and hist_var are each 0-dim (every group) or (G,) (one per group).
 // Offsets' values (start 0, end N, non-decreasing) need a device sync; the Python layer checks
 // them when validate=True, and prepare_group_inputs normalises them so bad values cannot fault.
 int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
@@ -50,5 +51,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> allocate_outputs(
 void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                           const at::Tensor& count, const at::Tensor& ema, const at::Tensor& var,
                           double alpha, int64_t min_history);
+
+// The per-key tables (key_count (K,) int64, key_mean and key_var (K,) float64, contiguous) on the
+// device of `keys` (G,) int64.
+void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
+                      const at::Tensor& key_mean, const at::Tensor& key_var);
+
+// keyed_history: the tables, the global H and σ_u² (0-dim, on the keys' device), min_history >= 1.
+void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,
+                                const at::Tensor& key_mean, const at::Tensor& key_var,
+                                const at::Tensor& hist_mean, const at::Tensor& hist_var,
+                                int64_t key_min_history);
+
+// update_keyed_history's per-key half: the tables, keys of group_mean's shape and device, α_k.
+// The global half is check_history_inputs.
+void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& keys,
+                               const at::Tensor& key_count, const at::Tensor& key_mean,
+                               const at::Tensor& key_var, double key_alpha);
 
 }  // namespace bv_blend

@@ -5,7 +5,7 @@
 
 TORCH_LIBRARY(bv_blend, m) {
   // Advantages of one call with the history statistics given (H = hist_mean, σ_u² = hist_var,
-  // both 0-dim). Groups come from `offsets` (G+1, int64) or, when offsets is None, from
+  // each 0-dim, shared by every group, or (G,), group g using element g). Groups come from `offsets` (G+1, int64) or, when offsets is None, from
   // group_size. Statistics are returned in the accumulation dtype (float32, float64 for float64).
   m.def(
       "group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor hist_mean, "
@@ -22,4 +22,18 @@ TORCH_LIBRARY(bv_blend, m) {
   m.def(
       "update_history(Tensor group_mean, Tensor(a!) ring, Tensor(b!) count, Tensor(c!) ema, "
       "Tensor(d!) var, float alpha, int min_history) -> ()");
+  // The (H, σ_u²) of every group of a keyed call, (G,) float64 each: key k's moments (key_mean,
+  // key_var) where key_count[k] >= key_min_history, else the global hist_mean and hist_var
+  // (0-dim). Keys outside [0, num_keys) read no table and take the global history.
+  m.def(
+      "keyed_history(Tensor keys, Tensor key_count, Tensor key_mean, Tensor key_var, "
+      "Tensor hist_mean, Tensor hist_var, int key_min_history) -> "
+      "(Tensor group_hist_mean, Tensor group_hist_var)");
+  // After a keyed call: every group with a finite mean visits its key, in group order (so
+  // duplicate keys apply in group order; keys outside [0, num_keys) are skipped), then the global
+  // history is updated exactly as update_history does.
+  m.def(
+      "update_keyed_history(Tensor group_mean, Tensor keys, Tensor(a!) key_count, "
+      "Tensor(b!) key_mean, Tensor(c!) key_var, float key_alpha, Tensor(d!) ring, "
+      "Tensor(e!) count, Tensor(f!) ema, Tensor(g!) var, float alpha, int min_history) -> ()");
 }

@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
 #include "../op_common.h"
 #include "launchers.h"
 
@@ -21,8 +25,16 @@ cuda::GroupArgs group_args(const GroupInputs& in, int64_t group_size, const at::
           in.rewards.numel(),
           hist_mean.data_ptr<double>(),
           hist_var.data_ptr<double>(),
+          hist_mean.dim() == 0 ? 0 : 1,
+          hist_var.dim() == 0 ? 0 : 1,
           eps,
           in.mode};
+}
+
+// H or σ_u² as the kernels read them: float64 and contiguous (a no-op for the estimator's
+// buffers and for the keyed history's (G,) float64 tensors).
+at::Tensor device_history(const at::Tensor& stat) {
+  return stat.to(at::kDouble).contiguous();
 }
 
 template <typename T>
@@ -69,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
                                               hist_var_in, eps, scale);
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor& rewards = in.rewards;
-  const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
-  const at::Tensor hist_var = hist_var_in.to(at::kDouble);
+  const at::Tensor hist_mean = device_history(hist_mean_in);
+  const at::Tensor hist_var = device_history(hist_var_in);
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(rewards, in.num_groups);
   // Offsets of no group at all: no kernel runs and every reward is uncovered.
   if (in.num_groups == 0) advantages.zero_();
@@ -100,8 +112,8 @@ at::Tensor group_advantages_backward_cuda(const at::Tensor& grad_in, const at::T
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const at::Tensor& rewards = in.rewards;
   const at::Tensor grad = grad_in.to(rewards.scalar_type()).contiguous();
-  const at::Tensor hist_mean = hist_mean_in.to(at::kDouble);
-  const at::Tensor hist_var = hist_var_in.to(at::kDouble);
+  const at::Tensor hist_mean = device_history(hist_mean_in);
+  const at::Tensor hist_var = device_history(hist_var_in);
   at::Tensor grad_rewards = at::empty_like(rewards, at::MemoryFormat::Contiguous);
   if (in.num_groups == 0) grad_rewards.zero_();
   const BatchSumTensors batch = batch_sums(in, &grad, &advantages);
@@ -131,12 +143,69 @@ void update_history_cuda(const at::Tensor& group_mean_in, at::Tensor& ring, at::
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> keyed_history_cuda(const at::Tensor& keys_in,
+                                                      const at::Tensor& key_count,
+                                                      const at::Tensor& key_mean,
+                                                      const at::Tensor& key_var,
+                                                      const at::Tensor& hist_mean_in,
+                                                      const at::Tensor& hist_var_in,
+                                                      int64_t key_min_history) {
+  check_keyed_history_inputs(keys_in, key_count, key_mean, key_var, hist_mean_in, hist_var_in,
+                             key_min_history);
+  const c10::cuda::CUDAGuard guard(keys_in.device());
+  const at::Tensor keys = keys_in.contiguous();
+  const at::Tensor hist_mean = device_history(hist_mean_in);
+  const at::Tensor hist_var = device_history(hist_var_in);
+  const int64_t num_groups = keys.numel();
+  const auto options = keys.options().dtype(at::kDouble);
+  at::Tensor group_hist_mean = at::empty({num_groups}, options);
+  at::Tensor group_hist_var = at::empty({num_groups}, options);
+  cuda::launch_keyed_history(keys.data_ptr<int64_t>(), num_groups, key_count.data_ptr<int64_t>(),
+                             key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
+                             key_count.numel(), hist_mean.data_ptr<double>(),
+                             hist_var.data_ptr<double>(), key_min_history,
+                             group_hist_mean.data_ptr<double>(), group_hist_var.data_ptr<double>(),
+                             c10::cuda::getCurrentCUDAStream().stream());
+  return {group_hist_mean, group_hist_var};
+}
+
+void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor& keys_in,
+                               at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
+                               double key_alpha, at::Tensor& ring, at::Tensor& count,
+                               at::Tensor& ema, at::Tensor& var, double alpha,
+                               int64_t min_history) {
+  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
+  check_keyed_update_inputs(group_mean_in, keys_in, key_count, key_mean, key_var, key_alpha);
+  TORCH_CHECK_VALUE(keys_in.numel() <= std::numeric_limits<int32_t>::max(),
+                    "keys: at most 2^31 - 1 groups per call, got ", keys_in.numel());
+  const c10::cuda::CUDAGuard guard(group_mean_in.device());
+  const at::Tensor group_mean = group_mean_in.contiguous();
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
+  // From the caching allocator on the current stream: no synchronisation, and inside a CUDA
+  // graph capture it comes from the graph's private pool.
+  const at::Tensor scratch = at::empty(
+      {static_cast<int64_t>(cuda::keyed_update_scratch_bytes(num_groups, num_keys))},
+      keys.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_keyed_history_cuda", [&] {
+    cuda::launch_update_keyed_history<scalar_t>(
+        group_mean.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), num_groups,
+        key_count.data_ptr<int64_t>(), key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
+        num_keys, key_alpha, scratch.data_ptr(), ring.data_ptr<double>(), ring.numel(),
+        count.data_ptr<int64_t>(), ema.data_ptr<double>(), var.data_ptr<double>(), alpha,
+        min_history, stream);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bv_blend, CUDA, m) {
   m.impl("group_advantages", &group_advantages_cuda);
   m.impl("group_advantages_backward", &group_advantages_backward_cuda);
   m.impl("update_history", &update_history_cuda);
+  m.impl("keyed_history", &keyed_history_cuda);
+  m.impl("update_keyed_history", &update_keyed_history_cuda);
 }
 
 }  // namespace bv_blend

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <limits>
 
@@ -87,8 +88,9 @@ __device__ __forceinline__ void zero_uncovered(const GroupArgs& args, int64_t gr
 }
 
 template <typename acc_t>
-__device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args) {
-  return usable_history<acc_t>(acc_t(*args.hist_mean), acc_t(*args.hist_var));
+__device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args, int64_t group) {
+  return usable_history<acc_t>(acc_t(args.hist_mean[group * args.hist_mean_stride]),
+                               acc_t(args.hist_var[group * args.hist_var_stride]));
 }
 
 template <typename acc_t>
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const acc_t scale_of_batch =
       args.mode == ScaleMode::Batch ? read_batch_std(batch) + acc_t(args.eps) : acc_t(1);
-  const auto history = read_history<acc_t>(args);
+  const auto history = read_history<acc_t>(args, group);
   const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
                                     acc_t(args.eps), args.mode, scale_of_batch);
   if (lane == 0) {
@@ -184,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool batch_mode = args.mode == ScaleMode::Batch;
   const acc_t eps = acc_t(args.eps);
   const acc_t std_of_batch = batch_mode ? read_batch_std(batch) : acc_t(0);
-  const auto history = read_history<acc_t>(args);
+  const auto history = read_history<acc_t>(args, group);
   const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var, eps,
                                     args.mode, batch_mode ? std_of_batch + eps : acc_t(1));
   const auto c = group_gradient<acc_t>(b, history.mean, history.var, args.mode, sum_grad,
@@ -212,10 +214,11 @@ __global__ void __launch_bounds__(kThreads)
 // ranking, the EMA and the variance run back to back in one launch, which keeps the stateful step
 // at two launches with no host synchronisation.
 template <typename acc_t>
-__global__ void __launch_bounds__(kHistoryThreads)
-    update_history_kernel(const acc_t* __restrict__ group_mean, int64_t num_groups, double* ring,
-                          int64_t window, int64_t* count, double* ema, double* var, double alpha,
-                          int64_t min_history) {
+__device__ __forceinline__ void update_global_history(const acc_t* __restrict__ group_mean,
+                                                      int64_t num_groups, double* ring,
+                                                      int64_t window, int64_t* count, double* ema,
+                                                      double* var, double alpha,
+                                                      int64_t min_history) {
   using CountReduce = cub::BlockReduce<int64_t, kHistoryThreads>;
   using CountScan = cub::BlockScan<int64_t, kHistoryThreads>;
   using SumReduce = cub::BlockReduce<double, kHistoryThreads>;
@@ -281,6 +284,118 @@ __global__ void __launch_bounds__(kHistoryThreads)
   }
 }
 
+template <typename acc_t>
+__global__ void __launch_bounds__(kHistoryThreads)
+    update_history_kernel(const acc_t* __restrict__ group_mean, int64_t num_groups, double* ring,
+                          int64_t window, int64_t* count, double* ema, double* var, double alpha,
+                          int64_t min_history) {
+  update_global_history(group_mean, num_groups, ring, window, count, ema, var, alpha, min_history);
+}
+
+// ---- Per-key history ----------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads)
+    keyed_history_kernel(const int64_t* __restrict__ keys, int64_t num_groups,
+                         const int64_t* __restrict__ key_count,
+                         const double* __restrict__ key_mean, const double* __restrict__ key_var,
+                         int64_t num_keys, const double* __restrict__ hist_mean,
+                         const double* __restrict__ hist_var, int64_t key_min_history,
+                         double* __restrict__ group_hist_mean,
+                         double* __restrict__ group_hist_var) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g >= num_groups) return;
+  const int64_t k = keys[g];
+  const bool keyed = key_in_range(k, num_keys) && key_count[k] >= key_min_history;
+  group_hist_mean[g] = keyed ? key_mean[k] : *hist_mean;
+  group_hist_var[g] = keyed ? key_var[k] : *hist_var;
+}
+
+// The key update must apply a key's visits in group order, however often the key repeats. The
+// (key, group) pairs are sorted by key with a stable radix sort, so each key's groups form one
+// run in group order, and one thread per run applies them: no atomics, no races, and the bits of
+// the sequential loop (visit_key rounds each operation as the CPU does). Groups that visit no key
+// (a mean that is not finite, a key outside [0, K): possible only past validation) are given the
+// key K, which sorts after every real key and is skipped; the sort then only needs the bits of K.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    key_pairs_kernel(const acc_t* __restrict__ group_mean, const int64_t* __restrict__ keys,
+                     int64_t num_groups, int64_t num_keys, uint64_t* __restrict__ sort_keys,
+                     int32_t* __restrict__ sort_groups) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (g >= num_groups) return;
+  const int64_t k = keys[g];
+  const bool visits = key_in_range(k, num_keys) && is_finite(group_mean[g]);
+  sort_keys[g] = static_cast<uint64_t>(visits ? k : num_keys);
+  sort_groups[g] = static_cast<int32_t>(g);
+}
+
+// Block 0 updates the global history (update_global_history, as update_history_kernel does); the
+// other blocks apply the runs of the sorted pairs, thread i owning the run that starts at i. The
+// two halves touch disjoint state, so they share one launch.
+template <typename acc_t>
+__global__ void __launch_bounds__(kHistoryThreads)
+    keyed_update_kernel(const acc_t* __restrict__ group_mean,
+                        const uint64_t* __restrict__ sorted_keys,
+                        const int32_t* __restrict__ sorted_groups, int64_t num_groups,
+                        int64_t* key_count, double* key_mean, double* key_var, int64_t num_keys,
+                        double key_alpha, double* ring, int64_t window, int64_t* count,
+                        double* ema, double* var, double alpha, int64_t min_history) {
+  if (blockIdx.x == 0) {
+    update_global_history(group_mean, num_groups, ring, window, count, ema, var, alpha,
+                          min_history);
+    return;
+  }
+  const int64_t i = static_cast<int64_t>(blockIdx.x - 1) * kHistoryThreads + threadIdx.x;
+  if (i >= num_groups) return;
+  const uint64_t key = sorted_keys[i];
+  if (key >= static_cast<uint64_t>(num_keys) || (i > 0 && sorted_keys[i - 1] == key)) return;
+  int64_t n = key_count[key];
+  double m = key_mean[key], v = key_var[key];
+  for (int64_t j = i; j < num_groups && sorted_keys[j] == key; ++j) {
+    visit_key(n, m, v, static_cast<double>(group_mean[sorted_groups[j]]), key_alpha);
+  }
+  key_count[key] = n;
+  key_mean[key] = m;
+  key_var[key] = v;
+}
+
+// The scratch of the keyed update, as byte offsets into one allocation: the pairs before and
+// after sorting, then CUB's temp storage.
+struct ScratchLayout {
+  size_t keys_in = 0, keys_out, groups_in, groups_out, temp, temp_bytes = 0;
+};
+
+constexpr size_t kScratchAlign = 256;
+
+size_t align_up(size_t bytes) { return (bytes + kScratchAlign - 1) / kScratchAlign * kScratchAlign; }
+
+// Bits of the sort key: enough for the sentinel num_keys itself.
+int sort_bits(int64_t num_keys) {
+  int bits = 1;
+  while (bits < 63 && (static_cast<uint64_t>(num_keys) >> bits) != 0) ++bits;
+  return bits;
+}
+
+ScratchLayout scratch_layout(int64_t num_groups, int64_t num_keys) {
+  const size_t n = static_cast<size_t>(num_groups);
+  ScratchLayout l;
+  l.keys_out = l.keys_in + align_up(n * sizeof(uint64_t));
+  l.groups_in = l.keys_out + align_up(n * sizeof(uint64_t));
+  l.groups_out = l.groups_in + align_up(n * sizeof(int32_t));
+  l.temp = l.groups_out + align_up(n * sizeof(int32_t));
+  // A size query (null storage): CUB computes the bytes it needs on the host and launches nothing.
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, l.temp_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+      static_cast<int>(num_groups), 0, sort_bits(num_keys)));
+  return l;
+}
+
+template <typename T>
+T* at_offset(void* base, size_t offset) {
+  return reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+}
+
 int team_size_for(int64_t rewards_per_group) {
   int team = 1;
   while (team < 32 && team < rewards_per_group) team *= 2;
@@ -326,6 +441,56 @@ void launch_over_groups(const GroupArgs& args, cudaStream_t stream, KernelFor&& 
 }
 
 }  // namespace
+
+void launch_keyed_history(const int64_t* keys, int64_t num_groups, const int64_t* key_count,
+                          const double* key_mean, const double* key_var, int64_t num_keys,
+                          const double* hist_mean, const double* hist_var,
+                          int64_t key_min_history, double* group_hist_mean,
+                          double* group_hist_var, cudaStream_t stream) {
+  if (num_groups == 0) return;
+  const auto blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
+  keyed_history_kernel<<<blocks, kThreads, 0, stream>>>(keys, num_groups, key_count, key_mean,
+                                                        key_var, num_keys, hist_mean, hist_var,
+                                                        key_min_history, group_hist_mean,
+                                                        group_hist_var);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+size_t keyed_update_scratch_bytes(int64_t num_groups, int64_t num_keys) {
+  if (num_groups == 0) return 0;
+  const ScratchLayout l = scratch_layout(num_groups, num_keys);
+  return l.temp + l.temp_bytes;
+}
+
+// Launches: key_pairs_kernel, CUB's radix sort (its own kernels: one or a few passes, depending
+// on the number of groups and of key bits) and keyed_update_kernel, which also updates the global
+// history. All on `stream`, none synchronises with the host, so a CUDA graph can capture them.
+template <typename acc_t>
+void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, int64_t num_groups,
+                                 int64_t* key_count, double* key_mean, double* key_var,
+                                 int64_t num_keys, double key_alpha, void* scratch, double* ring,
+                                 int64_t window, int64_t* count, double* ema, double* var,
+                                 double alpha, int64_t min_history, cudaStream_t stream) {
+  if (num_groups == 0) return;
+  ScratchLayout l = scratch_layout(num_groups, num_keys);
+  uint64_t* keys_in = at_offset<uint64_t>(scratch, l.keys_in);
+  uint64_t* keys_out = at_offset<uint64_t>(scratch, l.keys_out);
+  int32_t* groups_in = at_offset<int32_t>(scratch, l.groups_in);
+  int32_t* groups_out = at_offset<int32_t>(scratch, l.groups_out);
+  const auto blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
+  key_pairs_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(group_mean, keys, num_groups, num_keys,
+                                                           keys_in, groups_in);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      static_cast<char*>(scratch) + l.temp, l.temp_bytes, keys_in, keys_out, groups_in, groups_out,
+      static_cast<int>(num_groups), 0, sort_bits(num_keys), stream));
+  const auto run_blocks =
+      static_cast<unsigned>(1 + (num_groups + kHistoryThreads - 1) / kHistoryThreads);
+  keyed_update_kernel<acc_t><<<run_blocks, kHistoryThreads, 0, stream>>>(
+      group_mean, keys_out, groups_out, num_groups, key_count, key_mean, key_var, num_keys,
+      key_alpha, ring, window, count, ema, var, alpha, min_history);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename scalar_t>
 void launch_group_forward(const GroupArgs& args, const scalar_t* rewards,
@@ -376,5 +541,14 @@ template void launch_update_history<float>(const float*, int64_t, double*, int64
                                            double*, double*, double, int64_t, cudaStream_t);
 template void launch_update_history<double>(const double*, int64_t, double*, int64_t, int64_t*,
                                             double*, double*, double, int64_t, cudaStream_t);
+
+template void launch_update_keyed_history<float>(const float*, const int64_t*, int64_t, int64_t*,
+                                                 double*, double*, int64_t, double, void*,
+                                                 double*, int64_t, int64_t*, double*, double*,
+                                                 double, int64_t, cudaStream_t);
+template void launch_update_keyed_history<double>(const double*, const int64_t*, int64_t,
+                                                  int64_t*, double*, double*, int64_t, double,
+                                                  void*, double*, int64_t, int64_t*, double*,
+                                                  double*, double, int64_t, cudaStream_t);
 
 }  // namespace bv_blend::cuda

@@ -15,8 +15,12 @@ struct GroupArgs {
   int64_t group_size;
   int64_t num_groups;
   int64_t num_rewards;
-  const double* hist_mean;  // device scalars, so a captured graph sees each step's history
+  // Device memory, so a captured graph sees each step's history: group g reads
+  // hist_mean[g * hist_mean_stride], the stride 0 for a statistic shared by every group.
+  const double* hist_mean;
   const double* hist_var;
+  int64_t hist_mean_stride;
+  int64_t hist_var_stride;
   double eps;
   ScaleMode mode;
 };
@@ -48,5 +52,26 @@ template <typename acc_t>
 void launch_update_history(const acc_t* group_mean, int64_t num_groups, double* ring,
                            int64_t window, int64_t* count, double* ema, double* var, double alpha,
                            int64_t min_history, cudaStream_t stream);
+
+// Each group's (H, σ_u²) from its key's moments or the global history (one launch).
+void launch_keyed_history(const int64_t* keys, int64_t num_groups, const int64_t* key_count,
+                          const double* key_mean, const double* key_var, int64_t num_keys,
+                          const double* hist_mean, const double* hist_var,
+                          int64_t key_min_history, double* group_hist_mean,
+                          double* group_hist_var, cudaStream_t stream);
+
+// Bytes of device scratch that launch_update_keyed_history needs for num_groups groups (at most
+// INT32_MAX) and num_keys keys: the (key, group) pairs before and after sorting and CUB's temp
+// storage. Host-only arithmetic, no synchronisation.
+size_t keyed_update_scratch_bytes(int64_t num_groups, int64_t num_keys);
+
+// The per-key visits in group order, then the global history update (see kernels.cu for the
+// launches). `scratch` holds keyed_update_scratch_bytes(num_groups, num_keys) bytes, 256-aligned.
+template <typename acc_t>
+void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, int64_t num_groups,
+                                 int64_t* key_count, double* key_mean, double* key_var,
+                                 int64_t num_keys, double key_alpha, void* scratch, double* ring,
+                                 int64_t window, int64_t* count, double* ema, double* var,
+                                 double alpha, int64_t min_history, cudaStream_t stream);
 
 }  // namespace bv_blend::cuda

@@ -41,7 +41,7 @@ BAD_FUNCTIONAL = {
     "unknown scale": (dict(scale="mean"), "scale"),
     "hist_mean on another device": (dict(hist_mean=torch.tensor(0.0, device="meta")), "hist_mean"),
     "hist_var on another device": (dict(hist_var=torch.tensor(1.0, device="meta")), "hist_var"),
-    "hist_var not a scalar": (dict(hist_var=torch.ones(2)), "hist_var"),
+    "hist_var not 0-dim nor (G,)": (dict(hist_var=torch.ones(3)), "hist_var"),
 }
 
 
@@ -78,7 +78,7 @@ BAD_OP = {
     "eps negative": (dict(eps=-1.0), "eps"),
     "N not divisible by group_size": (dict(group_size=4), "group_size"),
     "offsets int32": (dict(offsets=torch.tensor([0, 3, 6], dtype=torch.int32)), "offsets"),
-    "hist_var not 0-dim": (dict(hist_var=torch.ones(2)), "hist_var"),
+    "hist_var not 0-dim nor (G,)": (dict(hist_var=torch.ones(3)), "hist_var"),
     "rewards int64": (dict(rewards=torch.arange(6)), "rewards"),
 }
 

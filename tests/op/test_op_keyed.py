@@ -1,0 +1,682 @@
+"""Per-group history statistics ((G,) hist_mean / hist_var) and the keyed estimator
+(BVBlend(num_keys=K) with keys), against reference.blend_advantages and
+reference.KeyedHistoryReference: the CPU lane and per-group paths, thread-count determinism,
+validation, state_dict, torch.compile, opcheck, and (with a GPU) CUDA parity, determinism and
+graph capture."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import bv_blend_ext
+from bv_blend_ext import reference
+
+from helpers import (assert_blend_close, assert_history, assert_same_state, bits,
+                     ragged_rewards, raises_naming, state_of)
+
+NAN, INF = float("nan"), float("inf")
+SCALES = ("group", "blend", "batch", "none")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OPS = torch.ops.bv_blend
+needs_cuda = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def per_group_history(num_groups, seed, unusable=False):
+    """(G,) float64 H and σ_u²; with `unusable`, some groups get a history the kernels ignore."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(num_groups, generator=gen, dtype=torch.float64)
+    var = torch.rand(num_groups, generator=gen, dtype=torch.float64) * 2
+    var[::5] = 0.0
+    if unusable:
+        mean[1::7] = NAN
+        var[2::7] = -0.5
+        var[3::7] = INF
+    return mean, var
+
+
+# 1. Per-group history in the functional op ----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("ragged", 16))
+def test_per_group_history_matches_reference(layout, scale, dtype):
+    if layout == "ragged":
+        rewards, offsets = ragged_rewards(60, 9, dtype, seed=1)
+        group_size, num_groups = None, 60
+    else:
+        gen = torch.Generator().manual_seed(2)
+        rewards = (torch.rand(layout * 40, generator=gen) * 3).to(dtype)
+        rewards[::13] = NAN
+        offsets, group_size, num_groups = None, layout, 40
+    h, u = per_group_history(num_groups, seed=3, unusable=True)
+    kwargs = dict(offsets=offsets, hist_mean=h, hist_var=u, scale=scale)
+    got = bv_blend_ext.blend_advantages(rewards, group_size, **kwargs, validate=False)
+    want = reference.blend_advantages(rewards, group_size, **kwargs)
+    assert_blend_close(got, want, dtype, advantage_atol=1e-4 if dtype == torch.float32 else None)
+
+
+def run_both(rewards, group_size, offsets, grad, h, u, scale, eps=1e-4):
+    out = OPS.group_advantages(rewards, offsets, group_size, h, u, eps, scale)
+    grad_rewards = OPS.group_advantages_backward(grad, out[0], rewards, offsets, group_size, h, u,
+                                                 eps, scale)
+    return [bits(t) for t in (*out, grad_rewards)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("group_size", (2, 3, 8, 16, 64))
+@pytest.mark.parametrize("scale", SCALES)
+def test_one_value_per_group_is_bitwise_the_scalar(group_size, scale, dtype):
+    num_groups = 37  # blocks of lanes plus a per-group tail
+    gen = torch.Generator().manual_seed(group_size)
+    rewards = (torch.randn(num_groups * group_size, generator=gen) * 2).to(dtype)
+    rewards[::11] = NAN
+    rewards[5 * group_size:6 * group_size] = 0.25  # a flat group
+    grad = torch.randn(rewards.shape, generator=gen).to(dtype)
+    offsets = torch.arange(0, rewards.numel() + 1, group_size)
+    for h, u in ((0.3, 0.05), (0.0, 0.0), (-1.0, 2.0), (NAN, 1.0), (0.5, -1.0), (0.5, INF)):
+        scalar = (torch.tensor(h, dtype=torch.float64), torch.tensor(u, dtype=torch.float64))
+        full = tuple(t.expand(num_groups).clone() for t in scalar)
+        for layout in ((group_size, None), (0, offsets)):
+            want = run_both(rewards, *layout, grad, *scalar, scale)
+            for got in (run_both(rewards, *layout, grad, *full, scale),
+                        run_both(rewards, *layout, grad, full[0], scalar[1], scale),
+                        run_both(rewards, *layout, grad, scalar[0], full[1], scale)):
+                assert all(torch.equal(a, b) for a, b in zip(got, want)), (h, u, layout[0])
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("group_size", (2, 4, 8, 16, 32, 64))
+@pytest.mark.parametrize("scale", SCALES)
+def test_lanes_with_per_group_history_match_the_per_group_path(group_size, scale, dtype):
+    num_groups = 67
+    gen = torch.Generator().manual_seed(10 + group_size)
+    rewards = (torch.randn(num_groups * group_size, generator=gen, dtype=torch.float64)).to(dtype)
+    rewards[7 * group_size + 1] = NAN  # one block falls back to the per-group path
+    grad = torch.randn(rewards.shape, generator=gen, dtype=torch.float64).to(dtype)
+    offsets = torch.arange(0, rewards.numel() + 1, group_size)
+    h, u = per_group_history(num_groups, seed=group_size, unusable=True)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            fixed = run_both(rewards, group_size, None, grad, h, u, scale)
+            ragged = run_both(rewards, 0, offsets, grad, h, u, scale)
+            assert all(torch.equal(a, b) for a, b in zip(fixed, ragged)), num_threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+AVX2_CHILD = """
+import sys, torch
+sys.path[:0] = {paths!r}
+import bv_blend_ext
+ops = torch.ops.bv_blend
+results = []
+for (r, g, k, hm, hv, s) in torch.load({inputs!r}):
+    out = list(ops.group_advantages(r, None, k, hm, hv, 1e-4, s))
+    results.append(out + [ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)])
+torch.save(results, {outputs!r})
+"""
+
+
+def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
+    cases = []
+    for k in (4, 8, 16, 64):
+        gen = torch.Generator().manual_seed(k)
+        r = torch.randn(37 * k, generator=gen)
+        r[3 * k] = NAN
+        g = torch.randn(r.shape, generator=gen)
+        h, u = per_group_history(37, seed=k, unusable=True)
+        for scale in SCALES:
+            cases.append((r, g, k, h, u, scale))
+    inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
+    torch.save(cases, inputs)
+    here = [[*OPS.group_advantages(r, None, k, hm, hv, 1e-4, s),
+             OPS.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)]
+            for (r, g, k, hm, hv, s) in cases]
+    paths = [os.path.dirname(os.path.dirname(bv_blend_ext.__file__))] + sys.path
+    subprocess.run([sys.executable, "-c", AVX2_CHILD.format(paths=paths, inputs=inputs,
+                                                            outputs=outputs)],
+                   env=dict(os.environ, BV_BLEND_CPU_AVX2="0"), check=True)
+    there = torch.load(outputs)
+    for case, a, b in zip(cases, here, there):
+        assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b)), (case[2], case[5])
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_gradcheck_with_per_group_history(scale):
+    rewards, offsets = ragged_rewards(6, 5, torch.float64, seed=4, nan_fraction=0.0)
+    h, u = per_group_history(6, seed=5)
+    rewards.requires_grad_()
+    torch.autograd.gradcheck(
+        lambda r: bv_blend_ext.blend_advantages(r, offsets=offsets, hist_mean=h, hist_var=u,
+                                                scale=scale).advantages, (rewards,))
+
+
+BAD_HISTORY = {
+    "hist_mean nan": (dict(hist_mean=torch.tensor([0.1, NAN, 0.2])), "hist_mean"),
+    "hist_mean inf": (dict(hist_mean=torch.tensor([0.1, 0.2, -INF])), "hist_mean"),
+    "hist_var negative": (dict(hist_var=torch.tensor([0.1, -0.5, 0.2])), "hist_var"),
+    "hist_var nan": (dict(hist_var=torch.tensor([NAN, 0.5, 0.2])), "hist_var"),
+    "hist_mean of G+1": (dict(hist_mean=torch.zeros(4)), "hist_mean"),
+    "hist_var 2-D": (dict(hist_var=torch.zeros(3, 2)), "hist_var"),
+    "hist_var int": (dict(hist_var=torch.zeros(3, dtype=torch.int64)), "hist_var"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HISTORY)
+def test_bad_per_group_history_is_rejected_naming_it(case):
+    kwargs, argument = BAD_HISTORY[case]
+    with raises_naming(argument):
+        bv_blend_ext.blend_advantages(torch.arange(6.0), 2, **kwargs)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor methods that copy values to the host (each a sync on a GPU)."""
+
+    READS = {"tolist", "item", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_validation_reads_per_group_history_and_keys_in_one_transfer(monkeypatch):
+    monkeypatch.setattr(bv_blend_ext.functional, "on_host", lambda tensor: False)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 1.0])
+    offsets = torch.tensor([0, 2, 6])
+    h, u = torch.tensor([0.3, 0.1], dtype=torch.float64), torch.tensor([0.2, 0.0])
+    with HostReads() as reads:
+        bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_mean=h, hist_var=u)
+    assert reads.count == 1
+    est = bv_blend_ext.BVBlend(num_keys=4)
+    with HostReads() as reads:
+        est(rewards, offsets=offsets, keys=torch.tensor([0, 3]))
+    assert reads.count == 1
+    with raises_naming("hist_var", ValueError):
+        bv_blend_ext.blend_advantages(rewards, offsets=offsets, hist_mean=h,
+                                      hist_var=torch.tensor([0.2, -1.0]))
+    before = state_of(est)
+    with raises_naming("keys", ValueError):
+        est(rewards, offsets=offsets, keys=torch.tensor([0, 4]))
+    assert_same_state(before, est)
+
+
+# 2. The keyed estimator against KeyedHistoryReference -------------------------------------------
+
+KEYED = dict(window=5, ema_decay=0.3, initial_baseline=0.2, min_history=2)
+
+
+def keyed_calls(dtype, num_keys, count=6, seed=0):
+    """Calls of fixed and ragged groups (with NaNs, an all-NaN group and an empty one) and their
+    keys: duplicates within a call, keys never seen before, keys seen often."""
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        if i % 2 == 0:
+            rewards = torch.randn(8 * 4, generator=gen, dtype=torch.float64) + 0.1 * i
+            rewards[4:8] = NAN
+            groups, num_groups = dict(group_size=4), 8
+        else:
+            rewards, offsets = ragged_rewards(7, 6, torch.float64, seed=seed * 100 + i)
+            rewards = torch.cat([rewards, torch.tensor([NAN, NAN], dtype=torch.float64)])
+            offsets = torch.cat([offsets, offsets[-1:], offsets[-1:] + 2])
+            groups, num_groups = dict(offsets=offsets), 9
+        keys = torch.randint(0, num_keys, (num_groups,), generator=gen)
+        keys[1] = keys[0]
+        keys[-1] = keys[0]
+        yield rewards.to(dtype), groups, keys
+
+
+def assert_keyed_state(est, ref, rtol):
+    assert est.key_count.tolist() == ref.key_count
+    for name in ("key_mean", "key_var"):
+        torch.testing.assert_close(getattr(est, name).cpu(),
+                                   torch.tensor(getattr(ref, name), dtype=torch.float64),
+                                   rtol=rtol, atol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_history(est, ref, rtol)
+
+
+KEYED_TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-4),
+             torch.float16: (1e-5, None), torch.bfloat16: (1e-5, None)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("key_min_history", (1, 2, 3))
+def test_keyed_estimator_matches_reference(key_min_history, scale, dtype):
+    settings = dict(num_keys=6, key_ema_decay=0.4, key_min_history=key_min_history, **KEYED)
+    est = bv_blend_ext.BVBlend(**settings, scale=scale)
+    ref = reference.KeyedHistoryReference(**settings)
+    # Fed the estimator's own group means, so its state can be compared tightly.
+    mirror = reference.KeyedHistoryReference(**settings)
+    state_tol, advantage_atol = KEYED_TOL[dtype]
+    for rewards, groups, keys in keyed_calls(dtype, num_keys=6, seed=key_min_history):
+        want_h, want_u = ref.group_history(keys)
+        got = est.step(rewards, **groups, keys=keys)
+        want = ref.step(rewards, **groups, keys=keys, scale=scale)
+        assert got.history_mean.dtype == torch.float64 and got.history_mean.shape == keys.shape
+        torch.testing.assert_close(got.history_mean, want_h, rtol=state_tol, atol=state_tol)
+        torch.testing.assert_close(got.history_var, want_u, rtol=state_tol, atol=state_tol)
+        assert_blend_close(reference.BlendOutput(*got[:4]), want, dtype,
+                           advantage_atol=advantage_atol)
+        mirror.push_keys(got.group_mean, keys)
+        mirror.push(got.group_mean)
+        assert_keyed_state(est, mirror, 1e-12)
+    assert_keyed_state(est, ref, state_tol)
+    assert int(est.key_count.max()) >= 3
+
+
+def test_keyed_key_update_is_bitwise_the_sequential_definition():
+    # Python floats are float64 rounded operation by operation: the definition itself.
+    gen = torch.Generator().manual_seed(7)
+    est = bv_blend_ext.BVBlend(num_keys=50, key_ema_decay=0.3)
+    mirror = reference.KeyedHistoryReference(50, key_ema_decay=0.3)
+    for _ in range(4):
+        means = torch.randn(300, generator=gen, dtype=torch.float64)
+        means[::9] = NAN
+        keys = torch.randint(0, 50, (300,), generator=gen)
+        OPS.update_keyed_history(means, keys, est.key_count, est.key_mean, est.key_var,
+                                 est.key_alpha, est.ring, est.count, est.ema, est.var, est.alpha,
+                                 est.min_history)
+        mirror.push_keys(means, keys)
+    assert est.key_count.tolist() == mirror.key_count
+    assert torch.equal(bits(est.key_mean), bits(torch.tensor(mirror.key_mean, dtype=torch.float64)))
+    assert torch.equal(bits(est.key_var), bits(torch.tensor(mirror.key_var, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("groups", (5000, 70_000))  # the sequential and the key-range update
+def test_keyed_update_is_thread_count_independent(groups):
+    gen = torch.Generator().manual_seed(8)
+    means = torch.rand(groups, generator=gen, dtype=torch.float64)
+    means[torch.rand(groups, generator=gen) < 0.1] = NAN
+    keys = torch.randint(-3, 1003, (groups,), generator=gen)  # duplicates, and some out of range
+    states = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            est = bv_blend_ext.BVBlend(num_keys=1000)
+            for _ in range(2):
+                OPS.update_keyed_history(means, keys, est.key_count, est.key_mean, est.key_var,
+                                         est.key_alpha, est.ring, est.count, est.ema, est.var,
+                                         est.alpha, est.min_history)
+            states.append(est.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for name in states[0]:
+        assert torch.equal(bits(states[0][name]), bits(states[1][name])), name
+    mirror = reference.KeyedHistoryReference(1000)
+    for _ in range(2):
+        mirror.push_keys(means, keys)
+    assert states[0]["key_count"].tolist() == mirror.key_count
+    assert torch.equal(bits(states[0]["key_mean"]),
+                       bits(torch.tensor(mirror.key_mean, dtype=torch.float64)))
+
+
+def test_out_of_range_keys_validated_or_ignored():
+    est = bv_blend_ext.BVBlend(num_keys=4, key_min_history=1, **KEYED)
+    ref = reference.KeyedHistoryReference(4, key_min_history=1, **KEYED)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 1.0, 0.75, 0.0])
+    est(rewards, group_size=2, keys=torch.tensor([0, 1, 2, 3]))
+    ref.step(rewards, 2, keys=torch.tensor([0, 1, 2, 3]))
+    for bad in ([0, 4, 1, 2], [-1, 0, 1, 2], [0, 1, 2, 2**62]):
+        before = state_of(est)
+        with raises_naming("keys", ValueError) as error:
+            est(rewards, group_size=2, keys=torch.tensor(bad))
+        assert str(max(bad) if max(bad) >= 4 else min(bad)) in str(error.value)
+        assert_same_state(before, est)
+    # Unvalidated: out-of-range keys read no table (their groups blend with the global history)
+    # and update none.
+    keys = torch.tensor([-(2**63), 3, 2**63 - 1, 5])
+    global_mean, global_var = float(est.history_mean), float(est.history_var)
+    got = est.step(rewards + 0.5, group_size=2, keys=keys, validate=False)
+    want_h, want_u = ref.group_history(keys)
+    want = ref.step(rewards + 0.5, 2, keys=keys)
+    torch.testing.assert_close(got.history_mean, want_h)
+    torch.testing.assert_close(got.history_var, want_u)
+    for g in (0, 2, 3):
+        assert (float(got.history_mean[g]), float(got.history_var[g])) == (global_mean, global_var)
+    torch.testing.assert_close(got.advantages, want.advantages)
+    assert_keyed_state(est, ref, 1e-6)
+
+
+BAD_KEYS = {
+    "missing": None,
+    "float": torch.tensor([0.0, 1.0]),
+    "int32": torch.tensor([0, 1], dtype=torch.int32),
+    "too few": torch.tensor([0]),
+    "too many": torch.tensor([0, 1, 2]),
+    "2-D": torch.tensor([[0, 1]]),
+    "a list": [0, 1],
+    "another device": torch.tensor([0, 1], device="meta"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KEYS)
+def test_bad_keys_are_rejected_naming_keys_without_state_change(case):
+    est = bv_blend_ext.BVBlend(num_keys=4)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    est(rewards, group_size=2, keys=torch.tensor([0, 1]))
+    before = state_of(est)
+    with raises_naming("keys", ValueError):
+        est.step(rewards, group_size=2, keys=BAD_KEYS[case])
+    assert_same_state(before, est)
+
+
+def test_keys_given_to_an_unkeyed_estimator_are_rejected():
+    est = bv_blend_ext.BVBlend()
+    with raises_naming("keys", ValueError):
+        est(torch.tensor([1.0, 0.0]), group_size=2, keys=torch.tensor([0]))
+    assert int(est.count) == 0
+
+
+BAD_SETTINGS = {
+    "num_keys 0": (dict(num_keys=0), "num_keys"),
+    "num_keys float": (dict(num_keys=2.0), "num_keys"),
+    "num_keys bool": (dict(num_keys=True), "num_keys"),
+    "key_ema_decay 0": (dict(num_keys=3, key_ema_decay=0.0), "key_ema_decay"),
+    "key_ema_decay above 1": (dict(num_keys=3, key_ema_decay=1.5), "key_ema_decay"),
+    "key_ema_decay a string": (dict(num_keys=3, key_ema_decay="0.1"), "key_ema_decay"),
+    "key_min_history 0": (dict(num_keys=3, key_min_history=0), "key_min_history"),
+    "key_min_history float": (dict(num_keys=3, key_min_history=2.0), "key_min_history"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_keyed_settings(case):
+    kwargs, argument = BAD_SETTINGS[case]
+    with raises_naming(argument, ValueError):
+        bv_blend_ext.BVBlend(**kwargs)
+    base = dict(window=4, ema_decay=None, initial_baseline=0.0, min_history=2, eps=1e-4,
+                scale="blend")
+    with raises_naming(f"bv_{argument}", ValueError):
+        bv_blend_ext.check_settings(**base, **kwargs,
+                                    names={argument: f"bv_{argument}"})
+
+
+def test_keyed_settings_repr_buffers_casts_and_reset():
+    est = bv_blend_ext.BVBlend(num_keys=3, key_ema_decay=0.5, key_min_history=4)
+    assert "num_keys=3" in repr(est) and "key_ema_decay=0.5" in repr(est)
+    assert "key_min_history=4" in repr(est)
+    assert "num_keys" not in repr(bv_blend_ext.BVBlend())
+    assert bv_blend_ext.BVBlend().num_keys is None
+    est(torch.tensor([1.0, 0.0, 0.5, 0.5]), group_size=2, keys=torch.tensor([0, 0]))
+    est.half()
+    dtypes = {name: t.dtype for name, t in est.state_dict().items()}
+    assert dtypes == {"ring": torch.float64, "count": torch.int64, "ema": torch.float64,
+                      "var": torch.float64, "key_count": torch.int64, "key_mean": torch.float64,
+                      "key_var": torch.float64}
+    assert est.key_count.tolist() == [2, 0, 0]
+    est.reset()
+    assert not est.key_count.any() and not est.key_mean.any() and not est.key_var.any()
+
+
+def test_keyed_state_dict_round_trip():
+    est = bv_blend_ext.BVBlend(num_keys=5, **KEYED)
+    for rewards, groups, keys in keyed_calls(torch.float32, num_keys=5):
+        est(rewards, **groups, keys=keys)
+    copy = bv_blend_ext.BVBlend(num_keys=5, **KEYED)
+    copy.load_state_dict(est.state_dict())
+    assert_same_state(state_of(est), copy)
+    rewards, groups, keys = next(keyed_calls(torch.float32, num_keys=5, seed=9))
+    assert torch.equal(est(rewards, **groups, keys=keys), copy(rewards, **groups, keys=keys))
+
+
+CORRUPTED = {
+    "key_count wrong length": ("key_count", torch.zeros(4, dtype=torch.int64)),
+    "key_count negative": ("key_count", torch.tensor([0, -1, 0, 0, 0])),
+    "key_count float": ("key_count", torch.zeros(5)),
+    "key_mean nan": ("key_mean", torch.tensor([0.0, NAN, 0.0, 0.0, 0.0], dtype=torch.float64)),
+    "key_mean int": ("key_mean", torch.zeros(5, dtype=torch.int64)),
+    "key_var negative": ("key_var", torch.tensor([0.0, 0.0, -1.0, 0.0, 0.0])),
+    "key_var inf": ("key_var", torch.tensor([0.0, 0.0, INF, 0.0, 0.0])),
+    "key_var 2-D": ("key_var", torch.zeros(5, 1, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTED)
+def test_corrupted_key_state_is_rejected_leaving_the_estimator_unchanged(case):
+    name, value = CORRUPTED[case]
+    est = bv_blend_ext.BVBlend(num_keys=5)
+    est(torch.tensor([1.0, 0.0, 0.5, 0.5]), group_size=2, keys=torch.tensor([1, 3]))
+    before = state_of(est)
+    state = est.state_dict()
+    state[name] = value
+    with raises_naming(name, ValueError):
+        est.load_state_dict(state)
+    assert_same_state(before, est)
+
+
+def test_keyed_gradient_flows_with_the_pre_call_history():
+    est = bv_blend_ext.BVBlend(num_keys=3, key_min_history=1)
+    est(torch.tensor([1.0, 0.0, 0.5, 0.75]), group_size=2, keys=torch.tensor([0, 1]))
+    rewards = torch.tensor([0.2, 0.9, 0.4, 0.7], dtype=torch.float64, requires_grad=True)
+    keys = torch.tensor([0, 0])
+    step = est.step(rewards, group_size=2, keys=keys)
+    (grad,) = torch.autograd.grad(step.advantages.sum(), rewards)
+    want = reference.blend_advantages(rewards, 2, hist_mean=step.history_mean,
+                                      hist_var=step.history_var)
+    (want_grad,) = torch.autograd.grad(want.advantages.sum(), rewards)
+    torch.testing.assert_close(grad, want_grad)
+
+
+# 3. The ops as library citizens -----------------------------------------------------------------
+
+def key_tables(num_keys=5):
+    return (torch.tensor([0, 3, 1, 2, 5])[:num_keys],
+            torch.tensor([0.0, 0.5, -0.25, 1.0, 2.0], dtype=torch.float64)[:num_keys],
+            torch.tensor([0.0, 0.3, 0.1, 0.0, 0.7], dtype=torch.float64)[:num_keys])
+
+
+def test_opcheck_keyed_ops():
+    keys = torch.tensor([1, 4, 1, 0, 2, 9, -1])
+    history = (torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64))
+    torch.library.opcheck(OPS.keyed_history.default, (keys, *key_tables(), *history, 2))
+    means = torch.tensor([0.5, NAN, 1.5, -0.5, 2.0, 0.0, 1.0])
+    ring = torch.tensor([0.5, 1.5, 0.0, 0.0], dtype=torch.float64)
+    state = (ring, torch.tensor(2), *history)
+    torch.library.opcheck(OPS.update_keyed_history.default,
+                          (means, keys, *key_tables(), 0.25, *state, 0.3, 2))
+
+
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_opcheck_group_advantages_with_per_group_history(layout):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], requires_grad=True)
+    offsets, group_size = (None, 4) if layout == "fixed" else (torch.tensor([0, 3, 4, 8]), 0)
+    num_groups = 2 if layout == "fixed" else 3
+    h, u = per_group_history(num_groups, seed=6)
+    torch.library.opcheck(OPS.group_advantages.default,
+                          (rewards, offsets, group_size, h, u, 1e-4, "blend"))
+
+
+RAW_BAD = {
+    "keys int32": (dict(keys=torch.tensor([0, 1], dtype=torch.int32)), "keys"),
+    "key_count float": (dict(key_count=torch.zeros(5)), "key_count"),
+    "key_var short": (dict(key_var=torch.zeros(4, dtype=torch.float64)), "key_var"),
+    "hist_mean (G,)": (dict(hist_mean=torch.zeros(2, dtype=torch.float64)), "hist_mean"),
+    "key_min_history 0": (dict(key_min_history=0), "key_min_history"),
+}
+
+
+@pytest.mark.parametrize("case", RAW_BAD)
+def test_raw_keyed_history_checks_its_arguments(case):
+    count, mean, var = key_tables()
+    args = dict(keys=torch.tensor([0, 1]), key_count=count, key_mean=mean, key_var=var,
+                hist_mean=torch.tensor(0.0, dtype=torch.float64),
+                hist_var=torch.tensor(0.0, dtype=torch.float64), key_min_history=2)
+    changes, argument = RAW_BAD[case]
+    with raises_naming(argument):
+        OPS.keyed_history(**{**args, **changes})
+
+
+def test_raw_keyed_update_checks_before_writing():
+    est = bv_blend_ext.BVBlend(num_keys=5)
+    before = state_of(est)
+    for keys, argument in ((torch.tensor([0, 1, 2]), "keys"),
+                           (torch.tensor([0.0, 1.0]), "keys")):
+        with raises_naming(argument):
+            OPS.update_keyed_history(torch.tensor([1.0, 2.0]), keys, est.key_count, est.key_mean,
+                                     est.key_var, 0.25, est.ring, est.count, est.ema, est.var,
+                                     est.alpha, est.min_history)
+    with raises_naming("key_alpha|key_ema_decay"):
+        OPS.update_keyed_history(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), est.key_count,
+                                 est.key_mean, est.key_var, 0.0, est.ring, est.count, est.ema,
+                                 est.var, est.alpha, est.min_history)
+    assert_same_state(before, est)
+
+
+@pytest.mark.slow
+def test_compile_keyed_step_fullgraph():
+    settings = dict(num_keys=7, key_min_history=1, **KEYED)
+    eager, compiled_est = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings)
+
+    def step(est, rewards, keys):
+        out = est.step(rewards, group_size=4, keys=keys)
+        return out.advantages * 2, out.history_mean
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(4):
+        rewards = torch.randn(24, generator=gen)
+        keys = torch.randint(0, 7, (6,), generator=gen)
+        want = step(eager, rewards, keys)
+        got = compiled(compiled_est, rewards, keys)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_state(state_of(eager), compiled_est)
+    assert int(compiled_est.key_count.max()) >= 2
+
+
+# 4. CUDA ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("ragged", 16))
+def test_cuda_per_group_history_parity(layout, dtype):
+    if layout == "ragged":
+        rewards, offsets = ragged_rewards(500, 20, dtype, seed=20)
+        group_size, num_groups = None, 500
+    else:
+        rewards = (torch.rand(16 * 300, generator=torch.Generator().manual_seed(21)) * 3).to(dtype)
+        offsets, group_size, num_groups = None, 16, 300
+    h, u = per_group_history(num_groups, seed=22, unusable=True)
+    want = bv_blend_ext.blend_advantages(rewards, group_size, offsets=offsets, hist_mean=h,
+                                         hist_var=u, validate=False)
+    got = bv_blend_ext.blend_advantages(
+        rewards.cuda(), group_size, offsets=None if offsets is None else offsets.cuda(),
+        hist_mean=h.cuda(), hist_var=u.cuda(), validate=False)
+    assert_blend_close(got, want, dtype, advantage_atol=1e-4 if dtype == torch.float32 else None)
+    # One value per group gives the scalar's bits on the GPU too.
+    scalar = bv_blend_ext.blend_advantages(rewards.cuda(), group_size,
+                                           offsets=None if offsets is None else offsets.cuda(),
+                                           hist_mean=torch.tensor(0.3, device="cuda"),
+                                           hist_var=torch.tensor(0.2, device="cuda"))
+    full = bv_blend_ext.blend_advantages(rewards.cuda(), group_size,
+                                         offsets=None if offsets is None else offsets.cuda(),
+                                         hist_mean=torch.full((num_groups,), 0.3, device="cuda"),
+                                         hist_var=torch.full((num_groups,), 0.2, device="cuda"))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(scalar, full))
+
+
+for _mark in needs_cuda:
+    test_cuda_per_group_history_parity = _mark(test_cuda_per_group_history_parity)
+
+
+def cuda_keyed_calls(num_calls=5, num_groups=3000, num_keys=500, seed=30):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(num_calls):
+        rewards = torch.randn(num_groups * 8, generator=gen)
+        rewards[torch.rand(rewards.shape, generator=gen) < 0.05] = NAN
+        rewards[:8] = NAN  # a group that visits no key
+        keys = torch.randint(0, num_keys, (num_groups,), generator=gen)
+        keys[::3] = keys[0]  # a long run of one key
+        yield rewards, keys
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_keyed_step_matches_cpu():
+    settings = dict(num_keys=500, key_min_history=2, **KEYED)
+    cpu, gpu = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings).cuda()
+    for rewards, keys in cuda_keyed_calls():
+        want = cpu.step(rewards, group_size=8, keys=keys)
+        got = gpu.step(rewards.cuda(), group_size=8, keys=keys.cuda())
+        for name in ("history_mean", "history_var"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name),
+                                       rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.advantages.cpu(), want.advantages, rtol=1e-4, atol=1e-3)
+        for name, value in cpu.state_dict().items():
+            torch.testing.assert_close(gpu.state_dict()[name].cpu(), value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    # The same group means give the CPU's key tables bit for bit (visit_key rounds every
+    # operation on its own on both devices; the global EMA is summed differently).
+    cpu_est, gpu_est = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings).cuda()
+    gen = torch.Generator().manual_seed(31)
+    for _ in range(3):
+        means = torch.randn(5000, generator=gen, dtype=torch.float64)
+        means[::17] = NAN
+        keys = torch.randint(-5, 505, (5000,), generator=gen)
+        for est, device in ((cpu_est, "cpu"), (gpu_est, "cuda")):
+            OPS.update_keyed_history(means.to(device), keys.to(device), est.key_count,
+                                     est.key_mean, est.key_var, est.key_alpha, est.ring,
+                                     est.count, est.ema, est.var, est.alpha, est.min_history)
+    for name in ("key_count", "key_mean", "key_var", "ring", "count"):
+        assert torch.equal(bits(getattr(cpu_est, name)), bits(getattr(gpu_est, name).cpu())), name
+    torch.testing.assert_close(gpu_est.ema.cpu(), cpu_est.ema, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_keyed_step_is_deterministic():
+    runs = []
+    for _ in range(2):
+        est = bv_blend_ext.BVBlend(num_keys=500, **KEYED).cuda()
+        outputs = [bits(est.step(r.cuda(), group_size=8, keys=k.cuda()).advantages)
+                   for r, k in cuda_keyed_calls(num_groups=20000)]
+        runs.append((outputs, {n: bits(v) for n, v in est.state_dict().items()}))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_and_replay_of_the_keyed_step():
+    settings = dict(num_keys=64, key_min_history=1, **KEYED)
+    est = bv_blend_ext.BVBlend(**settings).cuda()
+    cpu = bv_blend_ext.BVBlend(**settings)
+    calls = list(cuda_keyed_calls(num_calls=6, num_groups=40, num_keys=64, seed=32))
+    static_rewards = torch.zeros(calls[0][0].shape, device="cuda")
+    static_keys = torch.zeros(calls[0][1].shape, dtype=torch.int64, device="cuda")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for rewards, keys in calls[:2]:
+            static_rewards.copy_(rewards)
+            static_keys.copy_(keys)
+            est(static_rewards, group_size=8, keys=static_keys, validate=False)
+            cpu(rewards, group_size=8, keys=keys)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = est(static_rewards, group_size=8, keys=static_keys, validate=False)
+    for rewards, keys in calls[2:]:
+        static_rewards.copy_(rewards)
+        static_keys.copy_(keys)
+        graph.replay()
+        want = cpu(rewards, group_size=8, keys=keys)
+        torch.testing.assert_close(static_out.cpu(), want, rtol=1e-4, atol=1e-3)
+        for name, value in cpu.state_dict().items():
+            torch.testing.assert_close(est.state_dict()[name].cpu(), value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
