@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 import bv_blend_ext
+from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY
 from bv_blend.advantages import ESTIMATORS
+from bv_blend.keys import parse_key
 from bv_blend.rewards import get_reward_func
 from bv_blend.tasks import get_task
 
@@ -28,7 +30,8 @@ BV_SCALES = ("blend", "group")
 # The estimator's setting names as this config spells them.
 BV_SETTING_NAMES = {"window": "bv_window", "ema_decay": "bv_ema_decay",
                     "initial_baseline": "bv_initial_baseline", "min_history": "bv_min_history",
-                    "eps": "advantage_eps", "scale": "bv_scale"}
+                    "eps": "advantage_eps", "scale": "bv_scale",
+                    "key_ema_decay": "bv_key_ema_decay", "key_min_history": "bv_key_min_history"}
 
 
 def _f(default, help: str, **kwargs):
@@ -43,6 +46,9 @@ class GRPOConfig:
     tiny_arch: str = _f("llama", "architecture of the tiny model: llama or qwen2")
     task: str = _f("add", "built-in task (see `bv-blend tasks`), or 'jsonl' with dataset_path")
     dataset_path: str | None = _f(None, "JSONL file with 'prompt' and 'answer' columns")
+    num_prompts: int | None = _f(None, "procedural tasks: train on a fixed set of the first N "
+                                 "generated prompts, revisited every epoch in a reshuffled order "
+                                 "(default: an endless stream of fresh prompts)")
     reward_funcs: list[str] | None = _f(None, "built-in reward functions to use instead of the "
                                         "task's own", nargs="+")
     reward_weights: list[float] | None = _f(None, "one weight per reward function (default 1)",
@@ -65,6 +71,12 @@ class GRPOConfig:
     bv_min_history: int = _f(2, "BV-Blend: group means needed before the history is used")
     bv_initial_baseline: float = _f(0.0, "BV-Blend: starting value of the history mean")
     bv_scale: str = _f("blend", "BV-Blend advantage scale: blend or group")
+    bv_key: str = _f("none", "BV-Blend history per key: none (one global history), prompt (one "
+                     "per distinct prompt) or column:NAME (one per value of a dataset column)")
+    bv_key_ema_decay: float = _f(DEFAULT_KEY_EMA_DECAY, "BV-Blend keyed: EMA decay of each "
+                                 "key's mean and variance of its group means")
+    bv_key_min_history: int = _f(2, "BV-Blend keyed: visits of a key before its own history is "
+                                 "used (the global history until then)")
 
     # loss
     loss_type: str = _f("dapo", f"loss aggregation: {', '.join(LOSS_TYPES)}")
@@ -102,6 +114,11 @@ class GRPOConfig:
 
     def __post_init__(self):
         self.validate()
+
+    @property
+    def key_column(self) -> str | None:
+        """The dataset column whose values key the BV-Blend history, None without keys."""
+        return parse_key(self.bv_key)
 
     @property
     def epsilon_upper(self) -> float:
@@ -155,7 +172,12 @@ class GRPOConfig:
         bv_blend_ext.check_settings(
             window=self.bv_window, ema_decay=self.bv_ema_decay,
             initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
-            eps=self.advantage_eps, scale=self.bv_scale, names=BV_SETTING_NAMES)
+            eps=self.advantage_eps, scale=self.bv_scale, key_ema_decay=self.bv_key_ema_decay,
+            key_min_history=self.bv_key_min_history, names=BV_SETTING_NAMES)
+        if self.key_column is not None and self.estimator != "bv_blend":
+            # The other estimators keep no history, so keys would be silently meaningless.
+            raise ValueError(f"bv_key {self.bv_key!r} needs estimator 'bv_blend' (the only one "
+                             f"with a history), got estimator {self.estimator!r}")
         positive("epsilon", allow_zero=True)
         if self.epsilon_high is not None:
             positive("epsilon_high", allow_zero=True)
@@ -174,6 +196,11 @@ class GRPOConfig:
             positive("save_total_limit")
         if self.device is not None:
             self._check_device()
+        if self.num_prompts is not None:
+            positive("num_prompts")
+            if self.task == "jsonl":
+                raise ValueError("num_prompts applies to the procedural tasks; a JSONL dataset is "
+                                 "already a fixed set of prompts")
         if self.task == "jsonl" and not self.dataset_path:
             raise ValueError("task 'jsonl' needs dataset_path (a JSONL file with 'prompt' and "
                              "'answer' columns)")

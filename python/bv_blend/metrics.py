@@ -37,10 +37,12 @@ class StepClock:
 
 def step_row(step: int, rewards: torch.Tensor, rewards_per_func: torch.Tensor,
              reward_names: list[str], advantages, update: dict, *, learning_rate: float,
-             completion_lengths: torch.Tensor, times: dict[str, float]) -> dict:
+             completion_lengths: torch.Tensor, times: dict[str, float],
+             keyed_fraction: float | None = None) -> dict:
     """The metrics row of one step. The tensors hold every process's completions: rewards (N,)
     and rewards_per_func (N, F), NaN where unscored; advantages is the estimator's output for
-    them; update holds the loss metrics of the optimizer updates."""
+    them; update holds the loss metrics of the optimizer updates; keyed_fraction, logged only
+    with a keyed history, is the fraction of groups that blended with their key's own history."""
     group_std = advantages.group_std
     return {
         "step": step,
@@ -52,6 +54,7 @@ def step_row(step: int, rewards: torch.Tensor, rewards_per_func: torch.Tensor,
         "history_weight_mean": _nanmean(advantages.history_weight),
         "history_mean": advantages.history_mean,
         "history_var": advantages.history_var,
+        **({} if keyed_fraction is None else {"keyed_fraction": keyed_fraction}),
         "advantage_abs_max": float(advantages.advantages.abs().max()),
         **{f"reward/{name}": _nanmean(rewards_per_func[:, i])
            for i, name in enumerate(reward_names)},

@@ -3,7 +3,9 @@
 Every procedural task is an endless, deterministic stream: example `i` is generated from
 `(seed, i)` alone, so "where we are in the data" is one integer and a resumed run sees exactly the
 prompts it would have seen. A JSONL file is a finite list walked in a seeded order that is
-reshuffled every epoch, again a pure function of the position.
+reshuffled every epoch, again a pure function of the position; `num_prompts` turns a procedural
+task into such a list (its first N examples), so that prompts come back epoch after epoch, as
+per-prompt history needs.
 
 Prompts are plain text (no chat template): the tiny character-level model reads and writes
 characters, and the answers are short digit strings it can learn to produce on a CPU in minutes.
@@ -83,13 +85,20 @@ class ShuffledRecords:
         self.seed = seed
         self._order_epoch, self._order = None, None
 
+    def __len__(self) -> int:
+        return len(self.records)
+
     def __getitem__(self, position: int) -> dict:
+        return dict(self.records[self.index(position)])
+
+    def index(self, position: int) -> int:
+        """The record read at `position` of the stream."""
         epoch, offset = divmod(position, len(self.records))
         if epoch != self._order_epoch:
             self._order = list(range(len(self.records)))
             random.Random(f"{self.seed}:epoch{epoch}").shuffle(self._order)
             self._order_epoch = epoch
-        return dict(self.records[self._order[offset]])
+        return self._order[offset]
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
@@ -129,10 +138,13 @@ def load_jsonl(path: str) -> list[dict]:
     return records
 
 
-def prompt_source(task: Task, seed: int, dataset=None):
+def prompt_source(task: Task, seed: int, dataset=None, num_prompts: int | None = None):
     """Random-access examples for `task`: `dataset` (a datasets.Dataset or a list of dicts with a
-    'prompt' column) when given, otherwise the task's own generator."""
+    'prompt' column) when given, otherwise the task's own generator: endless, or with
+    `num_prompts` its first `num_prompts` examples as a finite dataset, revisited every epoch."""
     if dataset is not None:
+        if num_prompts is not None:
+            raise ValueError("num_prompts applies to the procedural tasks, not to a given dataset")
         if len(dataset) == 0:
             raise ValueError("train_dataset holds no records")
         if "prompt" not in dataset[0]:
@@ -140,4 +152,7 @@ def prompt_source(task: Task, seed: int, dataset=None):
         return ShuffledRecords(dataset, seed)
     if task.make_example is None:
         raise ValueError(f"task {task.name!r} reads its examples from a file: set dataset_path")
-    return ProceduralPrompts(task.make_example, seed)
+    generated = ProceduralPrompts(task.make_example, seed)
+    if num_prompts is None:
+        return generated
+    return ShuffledRecords([generated[i] for i in range(num_prompts)], seed)

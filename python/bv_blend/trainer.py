@@ -24,11 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from bv_blend import checkpoint, distributed
 from bv_blend.advantages import AdvantageEstimator
 from bv_blend.config import GRPOConfig
+from bv_blend.keys import KeyMap
 from bv_blend.loss import LossOutput, grpo_loss
 from bv_blend.metrics import MetricsLog, StepClock, step_row, summary, write_report
 from bv_blend.rewards import RewardFunctionError, WeightedRewards, get_reward_func
 from bv_blend.sampling import Rollout, sample_completions, token_logprobs
-from bv_blend.tasks import get_task, load_jsonl, prompt_source
+from bv_blend.tasks import ProceduralPrompts, get_task, load_jsonl, prompt_source
 from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer
 
 
@@ -54,6 +55,7 @@ class GRPOTrainer:
 
         self.rewards = self._build_rewards(reward_funcs)
         self.data = self._build_data(train_dataset)
+        self.keys, self.record_keys = self._build_keys()
         self.model, self.tokenizer, self.ref_model = self._build_models(model, tokenizer)
         self.autocast_dtype = self._autocast_dtype()
         self.max_completion_length = config.max_completion_length or self.task.max_completion_length
@@ -93,7 +95,28 @@ class GRPOTrainer:
     def _build_data(self, train_dataset):
         if train_dataset is None and self.config.dataset_path:
             train_dataset = load_jsonl(self.config.dataset_path)
-        return prompt_source(self.task, self.config.seed, train_dataset)
+        return prompt_source(self.task, self.config.seed, train_dataset, self.config.num_prompts)
+
+    def _build_keys(self) -> tuple[KeyMap | None, torch.Tensor | None]:
+        """The BV-Blend history keys of the dataset (None without keys) and the key id of every
+        record, (len(dataset),) int64."""
+        column = self.config.key_column
+        if column is None:
+            return None, None
+        if isinstance(self.data, ProceduralPrompts):
+            raise ValueError(f"bv_key {self.config.bv_key!r} needs a finite dataset whose prompts "
+                             f"come back every epoch: set num_prompts for the procedural task "
+                             f"{self.task.name!r}, or train on a dataset")
+        values = []
+        for index in range(len(self.data)):
+            record = self.data.records[index]
+            if column not in record:
+                raise ValueError(f"bv_key {self.config.bv_key!r} names the column {column!r}, "
+                                 f"which record {index} of the dataset lacks (it has "
+                                 f"{sorted(record)})")
+            values.append(record[column])
+        keys = KeyMap.from_values(values)
+        return keys, torch.tensor([keys.id_of(v) for v in values], dtype=torch.int64)
 
     def _build_models(self, model, tokenizer):
         """The policy on this process's device, its tokenizer, and the frozen reference model
@@ -134,7 +157,9 @@ class GRPOTrainer:
         return AdvantageEstimator(
             config.estimator, eps=config.advantage_eps, window=config.bv_window,
             ema_decay=config.bv_ema_decay, min_history=config.bv_min_history,
-            initial_baseline=config.bv_initial_baseline, bv_scale=config.bv_scale)
+            initial_baseline=config.bv_initial_baseline, bv_scale=config.bv_scale,
+            num_keys=self.keys.num_keys if self.keys is not None else None,
+            key_ema_decay=config.bv_key_ema_decay, key_min_history=config.bv_key_min_history)
 
     def _build_optimizer(self):
         """AdamW and its learning-rate schedule, counted in optimizer updates."""
@@ -165,12 +190,15 @@ class GRPOTrainer:
         """One training step; returns its metrics row."""
         group, batch = self.config.num_generations, self.config.batch_size
         clock = StepClock(self.device)
-        examples = self._next_examples()
+        positions = self._next_positions()
+        examples = [self.data[p] for p in positions]
         rollout = self._sample(examples, group)
         clock.lap("generation")
         rewards, rewards_per_func = self._score(examples, rollout.completions)
         clock.lap("rewards")
-        adv = self.estimator(rewards, group)
+        keys = self._group_keys(positions)
+        keyed_fraction = self._keyed_fraction(keys) if keys is not None else None
+        adv = self.estimator(rewards, group, keys=keys)
         clock.lap("advantage")
         self.last_advantages = adv.advantages
         own = slice(self.dist.rank * batch, (self.dist.rank + 1) * batch)  # in the gathered batch
@@ -182,13 +210,28 @@ class GRPOTrainer:
         lengths = distributed.all_gather(self.dist, rollout.completion_mask.sum(1).float())
         return step_row(self.step_count, rewards, rewards_per_func, self.rewards.names, adv,
                         update, learning_rate=self.scheduler.get_last_lr()[0],
-                        completion_lengths=lengths, times=clock.times())
+                        completion_lengths=lengths, times=clock.times(),
+                        keyed_fraction=keyed_fraction)
 
-    def _next_examples(self) -> list[dict]:
-        """This process's prompts of the step: its shard of the next ones of all processes."""
+    def _next_positions(self) -> list[int]:
+        """Data positions of this process's prompts of the step: its shard of the next ones of
+        all processes."""
         per_process = self.config.batch_size // self.config.num_generations
         first = self.data_position + self.dist.rank * per_process
-        return [self.data[first + i] for i in range(per_process)]
+        return list(range(first, first + per_process))
+
+    def _group_keys(self, positions: list[int]) -> torch.Tensor | None:
+        """The history key of every group of the step, all processes' in the order of the
+        gathered rewards; None without keys."""
+        if self.keys is None:
+            return None
+        own = self.record_keys[[self.data.index(p) for p in positions]]
+        return distributed.all_gather(self.dist, own.to(self.device))
+
+    def _keyed_fraction(self, keys: torch.Tensor) -> float:
+        """Fraction of the groups whose key has enough visits to blend with its own history."""
+        visits = self.estimator.blend.key_count.to(keys.device)[keys]
+        return float((visits >= self.config.bv_key_min_history).float().mean())
 
     def _sample(self, examples: list[dict], num_generations: int) -> Rollout:
         return sample_completions(
@@ -312,6 +355,7 @@ class GRPOTrainer:
                     "rng": rng_states,
                     "metrics": self.metrics.rows,
                     "config": self.config.to_dict(),
+                    "key_names": self.keys.names if self.keys is not None else None,
                 })
             if self.config.save_total_limit is not None:
                 checkpoint.prune(self.config.output_dir, self.config.save_total_limit,
@@ -325,6 +369,7 @@ class GRPOTrainer:
             raise checkpoint.CheckpointError(
                 f"resume_from {path!r} was saved by {len(state['rng'])} process(es); resume it "
                 f"with the same number (now {self.dist.world_size})")
+        self._check_keys(path, state)
         checkpoint.load_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -333,6 +378,19 @@ class GRPOTrainer:
         self.data_position = state["data_position"]
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         return state["metrics"]
+
+    def _check_keys(self, path: str, state: dict) -> None:
+        """A keyed history only means something for the keys it was built with."""
+        saved = state["config"].get("bv_key", "none")
+        if saved != self.config.bv_key:
+            raise checkpoint.CheckpointError(
+                f"resume_from {path!r} was trained with bv_key {saved!r}, not "
+                f"{self.config.bv_key!r}: its BV-Blend history cannot be used with other keys")
+        if self.keys is not None:
+            try:
+                self.keys.check_matches(state["key_names"], f"resume_from {path!r}")
+            except ValueError as err:
+                raise checkpoint.CheckpointError(str(err)) from None
 
     # the loop --------------------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ except ImportError as err:
 check_trl_version(trl.__version__)
 
 import bv_blend_ext  # noqa: E402  (after the version check: a bad TRL should fail first)
+from bv_blend.keys import KeyMap  # noqa: E402
+from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -86,6 +88,25 @@ class BVBlendGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "False: the history weight is 0 (no history is used or updated), which "
                           "reproduces TRL's own advantages; for A/B runs."})
+    bv_key: str = field(
+        default="none",
+        metadata={"help": "History per key: 'none' (one global history), 'prompt' (one per "
+                          "distinct prompt of train_dataset) or the name of a train_dataset "
+                          "column (one per distinct value, e.g. a cluster or topic)."})
+    bv_key_ema_decay: float = field(
+        default=DEFAULT_KEY_EMA_DECAY,
+        metadata={"help": "Decay of each key's EMA mean and variance of its group means."})
+    bv_key_min_history: int = field(
+        default=2,
+        metadata={"help": "Visits of a key before its own history is used (the global history "
+                          "until then)."})
+
+    @property
+    def bv_key_column(self) -> str | None:
+        """The train_dataset column whose values key the history; None without keys."""
+        if self.bv_key == "none":
+            return None
+        return self.bv_key.removeprefix("column:")
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,9 +114,17 @@ class BVBlendGRPOConfig(GRPOConfig):
         bv_blend_ext.check_settings(
             window=self.bv_window, ema_decay=self.bv_ema_decay,
             initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
-            eps=self.bv_eps, scale=self.bv_scale,
+            eps=self.bv_eps, scale=self.bv_scale, key_ema_decay=self.bv_key_ema_decay,
+            key_min_history=self.bv_key_min_history,
             names={setting: f"bv_{setting}" for setting in
-                   ("window", "ema_decay", "initial_baseline", "min_history", "eps", "scale")})
+                   ("window", "ema_decay", "initial_baseline", "min_history", "eps", "scale",
+                    "key_ema_decay", "key_min_history")})
+        if not isinstance(self.bv_key, str) or not self.bv_key.removeprefix("column:"):
+            raise ValueError(f"bv_key must be 'none', 'prompt' or a train_dataset column name, "
+                             f"got {self.bv_key!r}")
+        if self.bv_key_column is not None and not self.bv_use_history:
+            raise ValueError(f"bv_key {self.bv_key!r} needs bv_use_history=True: without a "
+                             f"history there is nothing to keep per key")
         if self.multi_objective_aggregation != "sum_then_normalize":
             # normalize_then_sum hands the advantage step per-function z-scores whose group means
             # are ~0 by construction, so a history of them carries no baseline information.
@@ -106,7 +135,8 @@ class BVBlendGRPOConfig(GRPOConfig):
 class BVBlendGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` with BV-Blend advantages; same constructor, `args` a BVBlendGRPOConfig.
 
-    `trainer.bv_blend` is the `bv_blend_ext.BVBlend` estimator holding the history.
+    `trainer.bv_blend` is the `bv_blend_ext.BVBlend` estimator holding the history;
+    `trainer.bv_keys` the `KeyMap` of its keys (None with bv_key="none").
     """
 
     def __init__(self, model, reward_funcs=None, args: BVBlendGRPOConfig | None = None,
@@ -117,15 +147,39 @@ class BVBlendGRPOTrainer(GRPOTrainer):
             args = BVBlendGRPOConfig(f"{name.split('/')[-1]}-GRPO")
         if not isinstance(args, BVBlendGRPOConfig):
             raise TypeError(f"args must be a BVBlendGRPOConfig, got {type(args).__name__}")
+        train_dataset = kwargs.get("train_dataset", positional[0] if positional else None)
+        self.bv_keys = self._bv_build_keys(args, train_dataset)
+        keyed = {} if self.bv_keys is None else dict(
+            num_keys=self.bv_keys.num_keys, key_ema_decay=args.bv_key_ema_decay,
+            key_min_history=args.bv_key_min_history)
         self.bv_blend = bv_blend_ext.BVBlend(
             window=args.bv_window, ema_decay=args.bv_ema_decay,
             initial_baseline=args.bv_initial_baseline, min_history=args.bv_min_history,
-            eps=args.bv_eps, scale=args.bv_scale)
+            eps=args.bv_eps, scale=args.bv_scale, **keyed)
         self._bv_rewards_per_func = None
         # The history as it was before the latest training generation (see _save_checkpoint).
         self._bv_state_before_generation = None
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self.bv_blend.to(self.accelerator.device)
+
+    @staticmethod
+    def _bv_build_keys(args: BVBlendGRPOConfig, train_dataset) -> KeyMap | None:
+        """Ids of the history keys, from the whole train_dataset before training starts: they
+        depend on the dataset alone, not on the batches, so every process builds the same ones
+        and a resumed run the ones it was trained with."""
+        column = args.bv_key_column
+        if column is None:
+            return None
+        from datasets import Dataset
+
+        if not isinstance(train_dataset, Dataset):
+            raise ValueError(f"bv_key {args.bv_key!r} needs a map-style datasets.Dataset as "
+                             f"train_dataset (its keys are built from all its rows up front), got "
+                             f"{type(train_dataset).__name__}")
+        if column not in train_dataset.column_names:
+            raise ValueError(f"bv_key {args.bv_key!r}: train_dataset has no column {column!r} "
+                             f"(it has {train_dataset.column_names})")
+        return KeyMap.from_values(train_dataset[column])
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL returns the rewards of all processes here (already gathered); keep them for the
@@ -154,15 +208,36 @@ class BVBlendGRPOTrainer(GRPOTrainer):
                 f"processes in the gathered rewards, got {rewards_per_func.shape[0]}; this TRL "
                 f"version is not supported by bv_blend.trl")
         mode = "train" if self.model.training else "eval"
-        advantages = self._bv_advantages(rewards_per_func, mode)
+        keys = self._bv_group_keys(inputs) if mode == "train" else None
+        advantages = self._bv_advantages(rewards_per_func, mode, keys)
         # TRL's slicing: process i owns rows [i * local, (i + 1) * local) of the gathered batch.
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start:start + local]
         self._bv_replace_logged_advantages(advantages)
         return output
 
-    def _bv_advantages(self, rewards_per_func: torch.Tensor, mode: str) -> torch.Tensor:
-        """BV-Blend advantages of the gathered batch; advances the history in training only."""
+    def _bv_group_keys(self, inputs) -> torch.Tensor | None:
+        """The key id of every group of the gathered batch, (G,) int64; None without keys."""
+        if self.bv_keys is None:
+            return None
+        column = self.args.bv_key_column
+        try:
+            local = [self.bv_keys.id_of(row[column]) for row in inputs]
+        except KeyError:
+            raise ValueError(f"a training row's {column!r} is not one of train_dataset's values "
+                             f"(bv_key {self.args.bv_key!r}): was the dataset changed after the "
+                             f"trainer was built?") from None
+        # A group can span processes: gather the rows' ids in TRL's gathered row order, then
+        # take each group's first row.
+        rows = self.accelerator.gather(torch.tensor(local, dtype=torch.int64,
+                                                    device=self.accelerator.device))
+        return rows[::self.num_generations].contiguous()
+
+    def _bv_advantages(self, rewards_per_func: torch.Tensor, mode: str,
+                       keys: torch.Tensor | None = None) -> torch.Tensor:
+        """BV-Blend advantages of the gathered batch; advances the history in training only.
+        Evaluation blends with the global history: its prompts are usually not training
+        prompts, so they have no key history of their own."""
         # TRL's sum_then_normalize reward: weighted nansum over the reward functions, NaN only
         # where every function returned None (unscorable); the op gives those a 0 advantage.
         weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
@@ -170,10 +245,17 @@ class BVBlendGRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
 
+        metrics = self._metrics[mode]
         if self.args.bv_use_history and mode == "train":
-            step = self.bv_blend.step(rewards, group_size=group_size)
+            if keys is not None:
+                visits = self.bv_blend.key_count[keys]
+                metrics["bv_blend/keyed_fraction"].append(
+                    (visits >= self.args.bv_key_min_history).float().mean().item())
+            step = self.bv_blend.step(rewards, group_size=group_size,
+                                      **({} if keys is None else {"keys": keys}))
             advantages, history_weight = step.advantages, step.beta
-            hist_mean, hist_var = step.history_mean.item(), step.history_var.item()
+            # Keyed, each group has its own H and σ_u²: their mean over the groups is logged.
+            hist_mean, hist_var = step.history_mean.mean().item(), step.history_var.mean().item()
         else:
             # Evaluation blends with the history but must not move it.
             hist_mean, hist_var = ((self.bv_blend.history_mean.item(),
@@ -184,7 +266,6 @@ class BVBlendGRPOTrainer(GRPOTrainer):
                 eps=self.args.bv_eps, scale=self.args.bv_scale)
             advantages, history_weight = out.advantages, out.beta
 
-        metrics = self._metrics[mode]
         metrics["bv_blend/history_weight_mean"].append(
             torch.nanmean(history_weight.float()).item())
         metrics["bv_blend/history_mean"].append(hist_mean)
@@ -207,8 +288,13 @@ class BVBlendGRPOTrainer(GRPOTrainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save({"estimator": self._bv_state_to_resume_from(), "trl_step": self._step},
-                       os.path.join(folder, STATE_FILE))
+            path = os.path.join(folder, STATE_FILE)
+            # Written aside and renamed, so that a crash meanwhile never leaves a truncated file
+            # that a resume would fail on.
+            torch.save({"estimator": self._bv_state_to_resume_from(), "trl_step": self._step,
+                        "key_names": self.bv_keys.names if self.bv_keys is not None else None},
+                       path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def _bv_state_to_resume_from(self) -> dict[str, torch.Tensor]:
         """The history a run resumed from this point needs, which is not always the live one.
@@ -237,6 +323,7 @@ class BVBlendGRPOTrainer(GRPOTrainer):
                            "BV-Blend starts from an empty history")
             return
         state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        self._bv_check_keys(path, state.get("key_names") if "estimator" in state else None)
         if "estimator" not in state:
             # Written by bv_blend.trl before the micro-step count was saved: the history alone.
             logger.warning(f"{path} holds no TRL micro-step count (an older bv_blend.trl wrote "
@@ -255,3 +342,12 @@ class BVBlendGRPOTrainer(GRPOTrainer):
             # mid-buffer. Restoring the count keeps the uninterrupted run's schedule. (With
             # ignore_data_skip the data restarts at the epoch's start, in step with a count of 0.)
             self._step = state["trl_step"]
+
+    def _bv_check_keys(self, path: str, saved: list[str] | None) -> None:
+        """A keyed history only means something for the keys it was built with."""
+        if (saved is None) != (self.bv_keys is None):
+            raise ValueError(f"{path} was saved with {'no' if saved is None else 'a'} bv_key and "
+                             f"this run has bv_key={self.args.bv_key!r}: its BV-Blend history "
+                             f"cannot be used with other keys")
+        if self.bv_keys is not None:
+            self.bv_keys.check_matches(saved, path)

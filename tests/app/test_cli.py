@@ -113,6 +113,18 @@ def test_sigint_saves_a_checkpoint_and_resume_appends(tmp_path):
     (["--task", "jsonl", "--dataset-path", "/no/such.jsonl"],
      "dataset_path '/no/such.jsonl' is not a file"),
     (["--resume-from", "/no/such/run"], "resume_from '/no/such/run' does not exist"),
+    (["--bv-key", "cluster"], "bv_key must be 'none', 'prompt' or 'column:NAME'"),
+    (["--bv-key", "column:"], "bv_key must be 'none', 'prompt' or 'column:NAME'"),
+    (["--bv-key", "prompt", "--estimator", "grpo"],
+     "bv_key 'prompt' needs estimator 'bv_blend' .*, got estimator 'grpo'"),
+    (["--bv-key", "prompt"], "bv_key 'prompt' needs a finite dataset .*set num_prompts"),
+    (["--bv-key-ema-decay", "0"], r"\bbv_key_ema_decay\b.*must be"),
+    (["--bv-key-ema-decay", "1.5"], r"\bbv_key_ema_decay\b.*must be"),
+    (["--bv-key-min-history", "-1"], r"\bbv_key_min_history\b.*must be"),
+    (["--bv-key-min-history", "2.5"], "bv_key_min_history must be int, got '2.5'"),
+    (["--num-prompts", "0"], "num_prompts must be > 0, got 0"),
+    (["--task", "jsonl", "--dataset-path", "x.jsonl", "--num-prompts", "4"],
+     "num_prompts applies to the procedural tasks"),
 ])
 def test_bad_input_fails_before_training(tmp_path, capsys, flags, message):
     out = tmp_path / "out"

@@ -24,17 +24,21 @@ WORKER = textwrap.dedent("""
             seen.append(list(prompts))
         return digit_partial_credit(prompts, completions, answer)
 
+    keyed = dict(bv_key="prompt", num_prompts=4) if sys.argv[2:] == ["keyed"] else {}
     config = GRPOConfig(output_dir=out_dir, num_generations=4, batch_size=8, max_steps=3,
-                        save_steps=0, progress_bar=False, estimator="bv_blend", seed=0)
+                        save_steps=0, progress_bar=False, estimator="bv_blend", seed=0, **keyed)
     trainer = GRPOTrainer(reward_funcs=[recording], config=config)
-    advantages, rows = [], []
+    advantages, rows, keys = [], [], []
     for _ in range(config.max_steps):
+        positions = trainer._next_positions()
+        keys.append(trainer._group_keys(positions))
         rows.append(trainer.step())
         advantages.append(trainer.last_advantages.clone())
     trainer.save_checkpoint()
     rank = trainer.dist.rank
     torch.save({"world_size": trainer.dist.world_size, "advantages": advantages, "rows": rows,
-                "history": trainer.estimator.state_dict(), "prompts": seen,
+                "history": trainer.estimator.state_dict(), "prompts": seen, "keys": keys,
+                "key_names": trainer.keys and trainer.keys.names,
                 "params": {k: v.detach().clone() for k, v in trainer.model.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
@@ -82,6 +86,25 @@ def test_two_gloo_processes_share_advantages_and_history(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint-3" / "trainer_state.pt",
                        weights_only=True)
     assert state["data_position"] == 12 and len(state["rng"]) == 2
+
+
+def test_two_processes_pass_every_group_key_in_gathered_order(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun([str(script), str(tmp_path / "run"), "keyed"], tmp_path)
+    ranks = [torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ids = {name: i for i, name in enumerate(ranks[0]["key_names"])}
+    assert ranks[0]["key_names"] == ranks[1]["key_names"]
+    for step in range(3):
+        # Rank 0's groups first, then rank 1's, as the rewards are gathered.
+        prompts = ranks[0]["prompts"][step][::4] + ranks[1]["prompts"][step][::4]
+        expected = [ids[json.dumps(p)] for p in prompts]
+        assert ranks[0]["keys"][step].tolist() == ranks[1]["keys"][step].tolist() == expected
+    for key, value in ranks[0]["history"].items():
+        assert torch.equal(value, ranks[1]["history"][key]), key
+    # 4 prompts, all of them in every step.
+    assert ranks[0]["history"]["key_count"].tolist() == [3, 3, 3, 3]
+    assert all(0 <= row["keyed_fraction"] <= 1 for row in ranks[0]["rows"])
 
 
 def test_cli_under_torchrun(tmp_path):

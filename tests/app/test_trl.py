@@ -22,7 +22,9 @@ from trl import GRPOTrainer  # noqa: E402
 from bv_blend.tiny_model import build_tiny_model, load_model_and_tokenizer  # noqa: E402
 from bv_blend.trl import (  # noqa: E402
     STATE_FILE, SUPPORTED_TRL, BVBlendGRPOConfig, BVBlendGRPOTrainer, check_trl_version)
-from bv_blend_ext.reference import HistoryReference, blend_advantages  # noqa: E402
+from bv_blend.keys import key_name  # noqa: E402
+from bv_blend_ext.reference import (  # noqa: E402
+    HistoryReference, KeyedHistoryReference, blend_advantages)
 
 REWARD_WEIGHTS = [1.0, 0.5]
 PROMPTS = ["hello", "abc", "the cat", "xyz", "1 + 1 =", "Once upon", "def f(", "Q:"]
@@ -76,6 +78,12 @@ class RecordingTrainer(BVBlendGRPOTrainer):
         self.calls[-1]["rewards_per_func"] = rewards_per_func.detach().cpu().clone()
         return rewards_per_func
 
+    def _bv_group_keys(self, inputs):
+        keys = super()._bv_group_keys(inputs)
+        self.calls[-1]["keys"] = None if keys is None else keys.cpu().clone()
+        self.calls[-1]["rows"] = [dict(row) for row in inputs]
+        return keys
+
     def _generate_and_score_completions(self, inputs):
         state = {k: v.detach().cpu().clone() for k, v in self.bv_blend.state_dict().items()}
         self.calls.append({"state_before": state,
@@ -91,9 +99,9 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), arch="llama", seed=0)
 
 
-def make_trainer(model_dir, args, reward_funcs=REWARD_FUNCS, **kwargs):
+def make_trainer(model_dir, args, reward_funcs=REWARD_FUNCS, dataset=None, **kwargs):
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    dataset = dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS * 4})
     return RecordingTrainer(model=model, processing_class=tokenizer, reward_funcs=reward_funcs,
                             args=args, train_dataset=dataset, **kwargs)
 
@@ -150,6 +158,14 @@ def test_config_rejects_settings_the_integration_cannot_honour(tmp_path):
         make_args(tmp_path, bv_scale="std")
     with pytest.raises(ValueError, match="multi_objective_aggregation"):
         make_args(tmp_path, multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="bv_key must be"):
+        make_args(tmp_path, bv_key="column:")
+    with pytest.raises(ValueError, match="bv_key 'prompt' needs bv_use_history=True"):
+        make_args(tmp_path, bv_key="prompt", bv_use_history=False)
+    with pytest.raises(ValueError, match=r"\bbv_key_ema_decay\b"):
+        make_args(tmp_path, bv_key_ema_decay=0.0)
+    with pytest.raises(ValueError, match=r"\bbv_key_min_history\b"):
+        make_args(tmp_path, bv_key_min_history=-1)
 
 
 def test_trainer_requires_the_bv_blend_config(model_dir, tmp_path):
@@ -269,6 +285,67 @@ def test_history_survives_save_and_resume(model_dir, tmp_path):
     assert int(resumed.bv_blend.state_dict()["count"]) == 8
 
 
+TOPICS = ["greeting", "letters", "animal", "letters", "math", "story", "code", "math"]
+
+
+@pytest.mark.parametrize("bv_key, column", [("prompt", "prompt"), ("topic", "topic"),
+                                            ("column:topic", "topic")])
+def test_keys_are_stable_ids_per_prompt_or_column(model_dir, tmp_path, bv_key, column):
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4, "topic": TOPICS * 4})
+    args = make_args(tmp_path, max_steps=4, bv_key=bv_key)
+    trainer = make_trainer(model_dir, args, dataset=dataset)
+    values = PROMPTS if column == "prompt" else TOPICS
+    # Ids in order of first appearance in the dataset, one per distinct value.
+    assert trainer.bv_keys.names == list(dict.fromkeys(key_name(v) for v in values))
+    trainer.train()
+
+    reference = KeyedHistoryReference(trainer.bv_keys.num_keys, key_ema_decay=args.bv_key_ema_decay,
+                                      key_min_history=args.bv_key_min_history,
+                                      window=args.bv_window)
+    for call in trainer.calls:
+        # Each group's key is its row's value, whichever batch position the row came in.
+        group_values = [row[column] for row in call["rows"][::args.num_generations]]
+        assert call["keys"].tolist() == [trainer.bv_keys.id_of(v) for v in group_values]
+        out = reference.step(trl_reward(call["rewards_per_func"]), args.num_generations,
+                             keys=call["keys"], eps=args.bv_eps, scale=args.bv_scale)
+        torch.testing.assert_close(call["advantages"], out.advantages, rtol=1e-5, atol=1e-5)
+    state = trainer.bv_blend.state_dict()
+    assert state["key_count"].tolist() == reference.key_count
+    assert sum(reference.key_count) == 8  # 4 steps of 2 groups
+    torch.testing.assert_close(state["key_mean"], torch.tensor(reference.key_mean,
+                                                               dtype=torch.float64))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(0 <= entry["bv_blend/keyed_fraction"] <= 1 for entry in logs)
+    assert logs[0]["bv_blend/keyed_fraction"] == 0
+
+
+def test_keys_need_a_column_of_a_map_style_dataset(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="train_dataset has no column 'topic'"):
+        make_trainer(model_dir, make_args(tmp_path, bv_key="topic"))
+    iterable = Dataset.from_dict({"prompt": PROMPTS}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="needs a map-style datasets.Dataset"):
+        make_trainer(model_dir, make_args(tmp_path, bv_key="prompt"), dataset=iterable)
+
+
+def test_resume_on_other_keys_is_refused(model_dir, tmp_path):
+    make_trainer(model_dir, make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1,
+                                      bv_key="prompt")).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    assert saved["key_names"] == [key_name(p) for p in PROMPTS]
+    assert not list(tmp_path.glob(f"checkpoint-1/{STATE_FILE}.tmp"))
+
+    other = Dataset.from_dict({"prompt": PROMPTS[::-1] * 4})
+    resumed = make_trainer(model_dir, make_args(tmp_path, max_steps=2, bv_key="prompt"),
+                           dataset=other)
+    with pytest.raises(ValueError, match=r"other history keys than this dataset gives \(key id 0 "
+                                         r"was \"hello\" and is now \"Q:\"\)"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    unkeyed = make_trainer(model_dir, make_args(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="saved with a bv_key and this run has bv_key='none'"):
+        unkeyed.train(resume_from_checkpoint=str(checkpoint))
+
+
 def prompt_length_reward(prompts, **kwargs):
     """Depends on the prompt only, so a regenerated buffer scores exactly as the original did.
 
@@ -293,6 +370,10 @@ BUFFERED = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2,
     pytest.param(BUFFERED, [2], 4, REWARD_FUNCS, id="boundary"),
     # Step 1 is half-way through the first buffer, which the resumed run generates again.
     pytest.param(BUFFERED, [1], 4, [prompt_length_reward], id="mid-buffer"),
+    # The same with a history per prompt: the key buffers are saved as of before the buffer too.
+    pytest.param(dict(BUFFERED, bv_key="prompt"), [1], 4, [prompt_length_reward],
+                 id="mid-buffer-keyed"),
+    pytest.param(dict(BUFFERED, bv_key="prompt"), [2], 4, REWARD_FUNCS, id="boundary-keyed"),
     # A buffer serves steps_per_generation x num_iterations = 4 micro-steps: step 1 is half-way
     # through it although each pass over it is 2 micro-steps long.
     pytest.param(dict(BUFFERED, steps_per_generation=2, num_iterations=2), [1], 4,
@@ -369,9 +450,10 @@ def test_resume_from_a_state_file_of_the_older_format(model_dir, tmp_path, caplo
         assert torch.equal(resumed.calls[0]["state_before"][key], value), key
 
 
-def _distributed_worker(out_dir, model_dir):
+def _distributed_worker(out_dir, model_dir, bv_key="none"):
     """One rank of the two-process run: each group of 8 completions spans both processes."""
-    args = make_args(out_dir, per_device_train_batch_size=4, num_generations=8, max_steps=3)
+    args = make_args(out_dir, per_device_train_batch_size=4, num_generations=8, max_steps=3,
+                     bv_key=bv_key)
     trainer = make_trainer(model_dir, args)
     trainer.train()
     estimator = trainer.bv_blend
@@ -382,16 +464,19 @@ def _distributed_worker(out_dir, model_dir):
                os.path.join(out_dir, f"rank{trainer.accelerator.process_index}.pt"))
 
 
-@pytest.mark.slow
-def test_two_processes_keep_identical_history(model_dir, tmp_path):
+def run_two_processes(tmp_path, model_dir, *worker_args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", __file__, str(tmp_path), model_dir]
+               "--nproc_per_node=2", __file__, str(tmp_path), model_dir, *worker_args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_history(model_dir, tmp_path):
+    ranks = run_two_processes(tmp_path, model_dir)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), f"ranks disagree on the history's {key}"
@@ -412,5 +497,19 @@ def test_two_processes_keep_identical_history(model_dir, tmp_path):
     assert int(ranks[0]["state"]["count"]) == reference.count == 3
 
 
+@pytest.mark.slow
+def test_two_processes_agree_on_the_keys_of_groups_split_between_them(model_dir, tmp_path):
+    ranks = run_two_processes(tmp_path, model_dir, "prompt")
+    ids = {key_name(p): i for i, p in enumerate(PROMPTS)}
+    for call0, call1 in zip(ranks[0]["calls"], ranks[1]["calls"]):
+        # Each group of 8 is 4 rows on rank 0 and 4 on rank 1, of one prompt.
+        assert call0["rows"][0]["prompt"] == call1["rows"][0]["prompt"]
+        assert call0["keys"].tolist() == call1["keys"].tolist() == [ids[key_name(
+            call0["rows"][0]["prompt"])]]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), f"ranks disagree on the history's {key}"
+    assert int(ranks[0]["state"]["key_count"].sum()) == 3
+
+
 if __name__ == "__main__":
-    _distributed_worker(sys.argv[1], sys.argv[2])
+    _distributed_worker(*sys.argv[1:])
