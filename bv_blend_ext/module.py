@@ -125,13 +125,16 @@ class BVBlend(torch.nn.Module):
                 # The history update below overwrites the buffers in place; autograd and step's
                 # caller need the values this call used.
                 hist_mean, hist_var = hist_mean.clone(), hist_var.clone()
+            out = BlendOutput(*torch.ops.bv_blend.group_advantages(
+                rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
         else:
-            # Fresh (G,) tensors, which the update below leaves alone.
-            hist_mean, hist_var = torch.ops.bv_blend.keyed_history(
-                keys, state("key_count"), state("key_mean"), state("key_var"), state("ema"),
-                state("var"), self.key_min_history)
-        out = BlendOutput(*torch.ops.bv_blend.group_advantages(
-            rewards, offsets, group_size or 0, hist_mean, hist_var, self.eps, self.scale))
+            # One op: the gather of each group's history and the blend. Its (G,) statistics are
+            # fresh tensors, which the update below leaves alone.
+            *stats, hist_mean, hist_var = torch.ops.bv_blend.keyed_group_advantages(
+                rewards, offsets, group_size or 0, keys, state("key_count"), state("key_mean"),
+                state("key_var"), state("ema"), state("var"), self.key_min_history, self.eps,
+                self.scale)
+            out = BlendOutput(*stats)
         if validate and not compiling:
             check_values(rewards.shape[0], offsets, {}, keys, self.num_keys)
         if moving:

@@ -977,7 +977,7 @@ void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::T
 // arrays), so nearly every table read misses the cache. Both passes prefetch the entries of the
 // group kPrefetchDistance ahead, which keeps that many misses in flight instead of one; the
 // update then finds the lines the gather has just brought in.
-constexpr int64_t kPrefetchDistance = 16;
+constexpr int64_t kPrefetchDistance = 32;
 
 // Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
 constexpr int64_t kGatherGrain = 4096;
@@ -1028,10 +1028,14 @@ std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys_in,
     }
     for (int64_t g = first; g < last; ++g) {
       prefetch_key(k_ptr, g + kPrefetchDistance, last, num_keys, count, mean, var);
+      // Branch-free: whether a key has history is as unpredictable as the keys themselves.
       const int64_t k = k_ptr[g];
-      const bool keyed = key_in_range(k, num_keys) && count[k] >= key_min_history;
-      mean_out[g] = keyed ? mean[k] : global_mean;
-      var_out[g] = keyed ? var[k] : global_var;
+      const bool in_range = key_in_range(k, num_keys);
+      const int64_t slot = in_range ? k : 0;
+      const bool keyed = in_range & (count[slot] >= key_min_history);
+      const double m = mean[slot], v = var[slot];
+      mean_out[g] = keyed ? m : global_mean;
+      var_out[g] = keyed ? v : global_var;
     }
   });
   return {group_mean, group_var};

@@ -29,6 +29,15 @@ TORCH_LIBRARY(bv_blend, m) {
       "keyed_history(Tensor keys, Tensor key_count, Tensor key_mean, Tensor key_var, "
       "Tensor hist_mean, Tensor hist_var, int key_min_history) -> "
       "(Tensor group_hist_mean, Tensor group_hist_var)");
+  // keyed_history then group_advantages in one call from Python (the dispatcher's entry from
+  // Python costs microseconds, as much as the kernels of a typical step): the advantages and
+  // statistics of group_advantages, then each group's H and σ_u² as keyed_history gives them.
+  // Composite, so autograd, torch.compile and every device come from the two ops it calls.
+  m.def(
+      "keyed_group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
+      "Tensor key_count, Tensor key_mean, Tensor key_var, Tensor hist_mean, Tensor hist_var, "
+      "int key_min_history, float eps, str scale) -> (Tensor advantages, Tensor group_mean, "
+      "Tensor group_std, Tensor beta, Tensor group_hist_mean, Tensor group_hist_var)");
   // After a keyed call: every group with a finite mean visits its key, in group order (so
   // duplicate keys apply in group order; keys outside [0, num_keys) are skipped), then the global
   // history is updated exactly as update_history does.
