@@ -70,3 +70,15 @@ def _update_keyed_history_fake(group_mean, keys, key_count, key_mean, key_var, k
     _check_devices(group_mean, keys=keys, key_count=key_count, key_mean=key_mean,
                    key_var=key_var, ring=ring, count=count, ema=ema, var=var)
     return None
+
+
+@torch.library.register_fake("bv_blend::keyed_group_advantages")
+def _keyed_group_advantages_fake(rewards, offsets, group_size, keys, key_count, key_mean, key_var,
+                                 hist_mean, hist_var, key_min_history, eps, scale):
+    _check_devices(rewards, offsets=offsets, keys=keys, key_count=key_count, key_mean=key_mean,
+                   key_var=key_var, hist_mean=hist_mean, hist_var=hist_var)
+    num_groups = _num_groups(rewards, offsets, group_size)
+    stats = rewards.new_empty((num_groups,), dtype=accumulation_dtype(rewards.dtype))
+    history = rewards.new_empty((num_groups,), dtype=torch.float64)
+    return (rewards.new_empty(rewards.shape), stats, torch.empty_like(stats),
+            torch.empty_like(stats), history, torch.empty_like(history))

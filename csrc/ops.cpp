@@ -29,10 +29,11 @@ TORCH_LIBRARY(bv_blend, m) {
       "keyed_history(Tensor keys, Tensor key_count, Tensor key_mean, Tensor key_var, "
       "Tensor hist_mean, Tensor hist_var, int key_min_history) -> "
       "(Tensor group_hist_mean, Tensor group_hist_var)");
-  // keyed_history then group_advantages in one call from Python (the dispatcher's entry from
-  // Python costs microseconds, as much as the kernels of a typical step): the advantages and
-  // statistics of group_advantages, then each group's H and σ_u² as keyed_history gives them.
-  // Composite, so autograd, torch.compile and every device come from the two ops it calls.
+  // keyed_history and group_advantages in one op: the advantages and statistics of
+  // group_advantages, then each group's H and σ_u² as keyed_history gives them (the gradient
+  // treats them as constants). One op rather than two calls, because each entry from Python
+  // costs microseconds, and because on CPU the gather then runs inside the forward's loop over
+  // groups, where the forward's arithmetic hides the key tables' cache misses.
   m.def(
       "keyed_group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
       "Tensor key_count, Tensor key_mean, Tensor key_var, Tensor hist_mean, Tensor hist_var, "
