@@ -22,8 +22,7 @@ NAN, INF = float("nan"), float("inf")
 SCALES = ("group", "blend", "batch", "none")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OPS = torch.ops.bv_blend
-needs_cuda = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def per_group_history(num_groups, seed, unusable=False):
@@ -488,6 +487,25 @@ def test_opcheck_keyed_ops():
                           (means, keys, *key_tables(), 0.25, *state, 0.3, 2))
 
 
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_keyed_group_advantages_is_the_gather_then_the_blend(layout, scale):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], dtype=torch.float64,
+                           requires_grad=True)
+    offsets, group_size = (None, 4) if layout == "fixed" else (torch.tensor([0, 3, 4, 8]), 0)
+    keys = torch.tensor([1, 4]) if layout == "fixed" else torch.tensor([1, 7, 3])
+    history = (torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64))
+    args = (rewards, offsets, group_size, keys, *key_tables(), *history, 2, 1e-4, scale)
+    fused = OPS.keyed_group_advantages(*args)
+    h, u = OPS.keyed_history(keys, *key_tables(), *history, 2)
+    apart = OPS.group_advantages(rewards, offsets, group_size, h, u, 1e-4, scale)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fused, (*apart, h, u)))
+    torch.library.opcheck(OPS.keyed_group_advantages.default, args)
+    torch.autograd.gradcheck(lambda r: OPS.keyed_group_advantages(r, *args[1:])[0], (rewards,))
+    with raises_naming("keys"):
+        OPS.keyed_group_advantages(rewards, offsets, group_size, keys[:1], *args[4:])
+
+
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
 def test_opcheck_group_advantages_with_per_group_history(layout):
     rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], requires_grad=True)
@@ -559,6 +577,8 @@ def test_compile_keyed_step_fullgraph():
 
 # 4. CUDA ---------------------------------------------------------------------------------------
 
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ("ragged", 16))
 def test_cuda_per_group_history_parity(layout, dtype):
@@ -587,10 +607,6 @@ def test_cuda_per_group_history_parity(layout, dtype):
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(scalar, full))
 
 
-for _mark in needs_cuda:
-    test_cuda_per_group_history_parity = _mark(test_cuda_per_group_history_parity)
-
-
 def cuda_keyed_calls(num_calls=5, num_groups=3000, num_keys=500, seed=30):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(num_calls):
@@ -603,7 +619,7 @@ def cuda_keyed_calls(num_calls=5, num_groups=3000, num_keys=500, seed=30):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_keyed_step_matches_cpu():
     settings = dict(num_keys=500, key_min_history=2, **KEYED)
     cpu, gpu = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings).cuda()
@@ -635,7 +651,7 @@ def test_cuda_keyed_step_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_keyed_step_is_deterministic():
     runs = []
     for _ in range(2):
@@ -648,7 +664,7 @@ def test_cuda_keyed_step_is_deterministic():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_graph_capture_and_replay_of_the_keyed_step():
     settings = dict(num_keys=64, key_min_history=1, **KEYED)
     est = bv_blend_ext.BVBlend(**settings).cuda()
