@@ -3,8 +3,8 @@
 // float32/float64 rewards run several groups at once, one per SIMD lane (16-byte vectors, or
 // 32-byte AVX2 vectors for float32 where the CPU has AVX2), with the per-group path's summation
 // order, so that they give the per-group path's bits (see "Fixed group sizes" below).
-// (-Wpsabi: blend_lanes takes and returns 32-byte vectors in the AVX2 path below, which inlines it; GCC
-// warns about the ABI of an out-of-line call that never happens.)
+// (-Wpsabi: blend_lanes takes and returns 32-byte vectors in the AVX2 path below, which inlines
+// it; GCC warns about the ABI of an out-of-line call that never happens.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(bv_blend, m) {
   // Advantages of one call with the history statistics given (H = hist_mean, σ_u² = hist_var,
-  // each 0-dim, shared by every group, or (G,), group g using element g). Groups come from `offsets` (G+1, int64) or, when offsets is None, from
-  // group_size. Statistics are returned in the accumulation dtype (float32, float64 for float64).
+  // each 0-dim, shared by every group, or (G,), group g using element g). Groups come from
+  // `offsets` (G+1, int64) or, when offsets is None, from group_size. Statistics are returned in
+  // the accumulation dtype (float32, float64 for float64).
   m.def(
       "group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor hist_mean, "
       "Tensor hist_var, float eps, str scale) -> (Tensor advantages, Tensor group_mean, "
