@@ -43,7 +43,7 @@ def history_stat(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
     element g). A float is checked at once (finite; σ_u² >= 0); a tensor's values are checked by
     check_values when validate=True, its kind and shape by the op."""
     if isinstance(value, torch.Tensor):
-        if value.dim() > 1 and value.numel() == 1:
+        if value.dim() != 0 and value.numel() == 1:  # one value, whatever its shape: a scalar
             return value.reshape(())
         return value
     if isinstance(value, bool) or not isinstance(value, Real):

@@ -131,8 +131,12 @@ def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
         r[3 * k] = NAN
         g = torch.randn(r.shape, generator=gen)
         h, u = per_group_history(37, seed=k, unusable=True)
+        scalar = (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64))
         for scale in SCALES:
             cases.append((r, g, k, h, u, scale))
+            # One value per group against the scalar, compared below in the child's results.
+            cases.append((r, g, k, *scalar, scale))
+            cases.append((r, g, k, *(t.expand(37).clone() for t in scalar), scale))
     inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
     torch.save(cases, inputs)
     here = [[*OPS.group_advantages(r, None, k, hm, hv, 1e-4, s),
@@ -145,6 +149,8 @@ def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
     there = torch.load(outputs)
     for case, a, b in zip(cases, here, there):
         assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b)), (case[2], case[5])
+    for i in range(1, len(cases), 3):
+        assert all(torch.equal(bits(x), bits(y)) for x, y in zip(there[i], there[i + 1]))
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -163,6 +169,7 @@ BAD_HISTORY = {
     "hist_var negative": (dict(hist_var=torch.tensor([0.1, -0.5, 0.2])), "hist_var"),
     "hist_var nan": (dict(hist_var=torch.tensor([NAN, 0.5, 0.2])), "hist_var"),
     "hist_mean of G+1": (dict(hist_mean=torch.zeros(4)), "hist_mean"),
+    "hist_mean of G-1": (dict(hist_mean=torch.zeros(2)), "hist_mean"),
     "hist_var 2-D": (dict(hist_var=torch.zeros(3, 2)), "hist_var"),
     "hist_var int": (dict(hist_var=torch.zeros(3, dtype=torch.int64)), "hist_var"),
 }
