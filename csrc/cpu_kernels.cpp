@@ -1022,10 +1022,12 @@ void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::T
   update_global_history(group_mean_in.contiguous(), ring, count, ema, var, alpha, min_history);
 }
 
-// ---- Per-key history ----------------------------------------------------------------------------
+// A 0-dim CPU tensor's value; reads float64 (what BVBlend's buffers hold) without a dispatch.
 double cpu_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
 }
+
+// ---- Per-key history ----------------------------------------------------------------------------
 
 // The (G,) float64 H and σ_u² of every group of a keyed call (see keyed_history), gathered in
 // parallel over groups: each group is read and written on its own.
