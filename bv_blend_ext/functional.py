@@ -74,7 +74,8 @@ def history_probe(name: str, value: torch.Tensor) -> torch.Tensor | None:
     good = value.isfinite()
     if name == "hist_var":
         good &= value >= 0
-    return value[good.logical_not().to(torch.uint8).argmax()]
+    # take, not indexing: a 0-dim index tensor may be read on the host (a synchronisation).
+    return value.take(good.logical_not().to(torch.uint8).argmax())
 
 
 def check_values(num_rewards: int, offsets: torch.Tensor | None,
