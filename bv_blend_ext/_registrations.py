@@ -18,12 +18,12 @@ from torch._subclasses.fake_tensor import is_fake
 from .reference import accumulation_dtype
 
 
-def _check_devices(rewards: torch.Tensor, **tensors) -> None:
+def _check_devices(rewards: torch.Tensor, *, reference: str = "rewards", **tensors) -> None:
     if is_fake(rewards):
         return
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != rewards.device:
-            raise ValueError(f"{name} must be on the rewards' device ({rewards.device}), "
+            raise ValueError(f"{name} must be on the {reference}' device ({rewards.device}), "
                              f"got {tensor.device}")
 
 
@@ -58,8 +58,8 @@ def _update_history_fake(group_mean, ring, count, ema, var, alpha, min_history):
 @torch.library.register_fake("bv_blend::keyed_history")
 def _keyed_history_fake(keys, key_count, key_mean, key_var, hist_mean, hist_var,
                         key_min_history):
-    _check_devices(keys, key_count=key_count, key_mean=key_mean, key_var=key_var,
-                   hist_mean=hist_mean, hist_var=hist_var)
+    _check_devices(keys, reference="keys", key_count=key_count, key_mean=key_mean,
+                   key_var=key_var, hist_mean=hist_mean, hist_var=hist_var)
     out = keys.new_empty(keys.shape, dtype=torch.float64)
     return out, torch.empty_like(out)
 
