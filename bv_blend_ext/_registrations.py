@@ -51,7 +51,7 @@ def _group_advantages_backward_fake(grad_advantages, advantages, rewards, offset
 
 @torch.library.register_fake("bv_blend::update_history")
 def _update_history_fake(group_mean, ring, count, ema, var, alpha, min_history):
-    _check_devices(group_mean, ring=ring, count=count, ema=ema, var=var)
+    _check_devices(group_mean, reference="group_mean", ring=ring, count=count, ema=ema, var=var)
     return None
 
 
@@ -67,8 +67,8 @@ def _keyed_history_fake(keys, key_count, key_mean, key_var, hist_mean, hist_var,
 @torch.library.register_fake("bv_blend::update_keyed_history")
 def _update_keyed_history_fake(group_mean, keys, key_count, key_mean, key_var, key_alpha, ring,
                                count, ema, var, alpha, min_history):
-    _check_devices(group_mean, keys=keys, key_count=key_count, key_mean=key_mean,
-                   key_var=key_var, ring=ring, count=count, ema=ema, var=var)
+    _check_devices(group_mean, reference="group_mean", keys=keys, key_count=key_count,
+                   key_mean=key_mean, key_var=key_var, ring=ring, count=count, ema=ema, var=var)
     return None
 
 
