@@ -18,12 +18,12 @@ from torch._subclasses.fake_tensor import is_fake
 from .reference import accumulation_dtype
 
 
-def _check_devices(rewards: torch.Tensor, **tensors) -> None:
+def _check_devices(rewards: torch.Tensor, *, reference: str = "rewards", **tensors) -> None:
     if is_fake(rewards):
         return
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != rewards.device:
-            raise ValueError(f"{name} must be on the rewards' device ({rewards.device}), "
+            raise ValueError(f"{name} must be on the {reference}' device ({rewards.device}), "
                              f"got {tensor.device}")
 
 
@@ -51,15 +51,15 @@ def _group_advantages_backward_fake(grad_advantages, advantages, rewards, offset
 
 @torch.library.register_fake("bv_blend::update_history")
 def _update_history_fake(group_mean, ring, count, ema, var, alpha, min_history):
-    _check_devices(group_mean, ring=ring, count=count, ema=ema, var=var)
+    _check_devices(group_mean, reference="group_mean", ring=ring, count=count, ema=ema, var=var)
     return None
 
 
 @torch.library.register_fake("bv_blend::keyed_history")
 def _keyed_history_fake(keys, key_count, key_mean, key_var, hist_mean, hist_var,
                         key_min_history):
-    _check_devices(keys, key_count=key_count, key_mean=key_mean, key_var=key_var,
-                   hist_mean=hist_mean, hist_var=hist_var)
+    _check_devices(keys, reference="keys", key_count=key_count, key_mean=key_mean,
+                   key_var=key_var, hist_mean=hist_mean, hist_var=hist_var)
     out = keys.new_empty(keys.shape, dtype=torch.float64)
     return out, torch.empty_like(out)
 
@@ -67,6 +67,18 @@ def _keyed_history_fake(keys, key_count, key_mean, key_var, hist_mean, hist_var,
 @torch.library.register_fake("bv_blend::update_keyed_history")
 def _update_keyed_history_fake(group_mean, keys, key_count, key_mean, key_var, key_alpha, ring,
                                count, ema, var, alpha, min_history):
-    _check_devices(group_mean, keys=keys, key_count=key_count, key_mean=key_mean,
-                   key_var=key_var, ring=ring, count=count, ema=ema, var=var)
+    _check_devices(group_mean, reference="group_mean", keys=keys, key_count=key_count,
+                   key_mean=key_mean, key_var=key_var, ring=ring, count=count, ema=ema, var=var)
     return None
+
+
+@torch.library.register_fake("bv_blend::keyed_group_advantages")
+def _keyed_group_advantages_fake(rewards, offsets, group_size, keys, key_count, key_mean, key_var,
+                                 hist_mean, hist_var, key_min_history, eps, scale):
+    _check_devices(rewards, offsets=offsets, keys=keys, key_count=key_count, key_mean=key_mean,
+                   key_var=key_var, hist_mean=hist_mean, hist_var=hist_var)
+    num_groups = _num_groups(rewards, offsets, group_size)
+    stats = rewards.new_empty((num_groups,), dtype=accumulation_dtype(rewards.dtype))
+    history = rewards.new_empty((num_groups,), dtype=torch.float64)
+    return (rewards.new_empty(rewards.shape), stats, torch.empty_like(stats),
+            torch.empty_like(stats), history, torch.empty_like(history))

@@ -43,7 +43,7 @@ def history_stat(value, name: str, rewards: torch.Tensor) -> torch.Tensor:
     element g). A float is checked at once (finite; σ_u² >= 0); a tensor's values are checked by
     check_values when validate=True, its kind and shape by the op."""
     if isinstance(value, torch.Tensor):
-        if value.dim() > 1 and value.numel() == 1:
+        if value.dim() != 0 and value.numel() == 1:  # one value, whatever its shape: a scalar
             return value.reshape(())
         return value
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -74,7 +74,8 @@ def history_probe(name: str, value: torch.Tensor) -> torch.Tensor | None:
     good = value.isfinite()
     if name == "hist_var":
         good &= value >= 0
-    return value[good.logical_not().to(torch.uint8).argmax()]
+    # take, not indexing: a 0-dim index tensor may be read on the host (a synchronisation).
+    return value.take(good.logical_not().to(torch.uint8).argmax())
 
 
 def check_values(num_rewards: int, offsets: torch.Tensor | None,

@@ -87,10 +87,73 @@ ForwardOutputs group_advantages_autograd(const at::Tensor& rewards,
   return {out[0], out[1], out[2], out[3]};
 }
 
+using KeyedOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+KeyedOutputs call_keyed_forward(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                                int64_t group_size, const at::Tensor& keys,
+                                const at::Tensor& key_count, const at::Tensor& key_mean,
+                                const at::Tensor& key_var, const at::Tensor& hist_mean,
+                                const at::Tensor& hist_var, int64_t key_min_history, double eps,
+                                c10::string_view scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bv_blend::keyed_group_advantages", "")
+          .typed<KeyedOutputs(const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                              double, c10::string_view)>();
+  return op.call(rewards, offsets, group_size, keys, key_count, key_mean, key_var, hist_mean,
+                 hist_var, key_min_history, eps, scale);
+}
+
+// The keyed forward's gradient is group_advantages' with the (G,) history it gathered, which it
+// returns and which is saved here: the key tables are constants like the global history.
+class KeyedGroupAdvantages : public torch::autograd::Function<KeyedGroupAdvantages> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& rewards,
+                               const std::optional<at::Tensor>& offsets, int64_t group_size,
+                               const at::Tensor& keys, const at::Tensor& key_count,
+                               const at::Tensor& key_mean, const at::Tensor& key_var,
+                               const at::Tensor& hist_mean, const at::Tensor& hist_var,
+                               int64_t key_min_history, double eps, c10::string_view scale) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var] =
+        call_keyed_forward(rewards, offsets, group_size, keys, key_count, key_mean, key_var,
+                           hist_mean, hist_var, key_min_history, eps, scale);
+    ctx->save_for_backward({rewards, offsets.value_or(at::Tensor()), group_hist_mean,
+                            group_hist_var, advantages});
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["scale"] = std::string(scale);
+    ctx->saved_data["has_offsets"] = offsets.has_value();
+    ctx->mark_non_differentiable({group_mean, group_std, beta, group_hist_mean, group_hist_var});
+    return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(12);
+    out[0] = GroupAdvantages::backward(ctx, grads)[0];
+    return out;
+  }
+};
+
+KeyedOutputs keyed_group_advantages_autograd(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& offsets, int64_t group_size,
+    const at::Tensor& keys, const at::Tensor& key_count, const at::Tensor& key_mean,
+    const at::Tensor& key_var, const at::Tensor& hist_mean, const at::Tensor& hist_var,
+    int64_t key_min_history, double eps, c10::string_view scale) {
+  const variable_list out = KeyedGroupAdvantages::apply(rewards, offsets, group_size, keys,
+                                                        key_count, key_mean, key_var, hist_mean,
+                                                        hist_var, key_min_history, eps, scale);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bv_blend, Autograd, m) {
   m.impl("group_advantages", &group_advantages_autograd);
+  m.impl("keyed_group_advantages", &keyed_group_advantages_autograd);
 }
 
 }  // namespace bv_blend

@@ -76,8 +76,8 @@ BVB_HOST_DEVICE acc_t batch_scale_coefficient(acc_t grad_dot_adv, acc_t count, a
 // either acc_t (one group: the CUDA kernels and the CPU's general path) or a CPU SIMD vector of
 // acc_t holding one group per lane (the CPU's fixed-size path). `Ops` names acc_t (`scalar`) and
 // supplies the two operations whose spelling differs: select(mask, a, b) (both arms are
-// evaluated; the unselected one may be NaN or inf, never trapped) and sqrt. The lanes compute exactly the scalar operations, so both
-// CPU paths give the same bits.
+// evaluated; the unselected one may be NaN or inf, never trapped) and sqrt. The lanes compute
+// exactly the scalar operations, so both CPU paths give the same bits.
 template <typename acc_t>
 struct ScalarOps {
   using scalar = acc_t;
@@ -216,9 +216,9 @@ BVB_HOST_DEVICE GradientLanes<acc_t> group_gradient(const GroupBlend<acc_t>& g, 
 // ---- Per-key history ----------------------------------------------------------------------------
 // Key k holds a visit count n_k and EMA moments (m_k, v_k) of the group means it has seen.
 
-// The (H, σ_u²) a group with key `key` blends with: its key's moments once the key has been
-// visited min_history times, else the global history. A key outside [0, num_keys) (possible only
-// past validation) reads nothing and uses the global history.
+// A group blends with its key's moments once the key has been visited key_min_history times, else
+// with the global history. A key outside [0, num_keys) (possible only past validation) reads and
+// writes no table: its group uses the global history. One unsigned comparison covers both ends.
 BVB_HOST_DEVICE bool key_in_range(int64_t key, int64_t num_keys) {
   return static_cast<uint64_t>(key) < static_cast<uint64_t>(num_keys);
 }

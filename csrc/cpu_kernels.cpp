@@ -3,8 +3,8 @@
 // float32/float64 rewards run several groups at once, one per SIMD lane (16-byte vectors, or
 // 32-byte AVX2 vectors for float32 where the CPU has AVX2), with the per-group path's summation
 // order, so that they give the per-group path's bits (see "Fixed group sizes" below).
-// (-Wpsabi: blend_lanes takes and returns 32-byte vectors in the AVX2 path below, which inlines it; GCC
-// warns about the ABI of an out-of-line call that never happens.)
+// (-Wpsabi: blend_lanes takes and returns 32-byte vectors in the AVX2 path below, which inlines
+// it; GCC warns about the ABI of an out-of-line call that never happens.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -602,6 +602,50 @@ double cpu_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
   return deterministic_sum(a.numel(), [&](int64_t i) { return ap[i] * bp[i]; });
 }
 
+// Keys are typically prompt ids drawn at random from a large table (K ~ 10^6: 24 MB over three
+// arrays), so nearly every table read misses the cache. The gather is a tight loop without
+// dependences between groups, so the out-of-order core already keeps many of its misses in
+// flight (software prefetch measured no faster there, nor inside the forward's loop, where the
+// misses of the gather did not overlap with the arithmetic); the update's longer, branchy body
+// does gain from prefetching the entries of the group kPrefetchDistance ahead when it runs on its
+// own (a third faster at K = 10^6). In a keyed step it mostly finds the lines the gather brought
+// in, and the prefetch makes no measurable difference.
+constexpr int64_t kPrefetchDistance = 32;
+
+// Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
+constexpr int64_t kGatherGrain = 4096;
+
+// Below this many groups the key update runs on one thread, in group order. Above, each task owns
+// a range of keys and walks every group in order, updating its own keys only: every key still sees
+// its visits in group order, so the tables get the same bits for any thread count.
+constexpr int64_t kParallelKeyUpdate = 65536;
+
+// The tables of keyed_history and what it writes: key k's moments once key_count[k] reaches
+// min_history, else the global history (a key outside [0, num_keys) reads no table).
+struct KeyTables {
+  const int64_t* keys;
+  const int64_t* count;
+  const double* mean;
+  const double* var;
+  int64_t num_keys, min_history;
+  double global_mean, global_var;
+  double* mean_out;
+  double* var_out;
+
+  void gather(int64_t first, int64_t last) const {
+    for (int64_t g = first; g < last; ++g) {
+      // Branch-free: whether a key has history is as unpredictable as the keys themselves.
+      const int64_t k = keys[g];
+      const bool in_range = key_in_range(k, num_keys);
+      const int64_t slot = in_range ? k : 0;
+      const bool keyed = in_range & (count[slot] >= min_history);
+      const double m = mean[slot], v = var[slot];
+      mean_out[g] = keyed ? m : global_mean;
+      var_out[g] = keyed ? v : global_var;
+    }
+  }
+};
+
 // H and σ_u² as the CPU kernels read them: float64, group g's at g * stride, where the stride is 0
 // for a 0-dim statistic shared by every group. Each group's pair passes through usable_history on
 // its own, so a (G,) statistic holding one value gives the bits of that value as a scalar.
@@ -687,11 +731,10 @@ void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block
 // This and the backward below are long because each holds its two paths side by side, the block
 // of groups one per lane and the single group, so that a reader can check they compute the same
 // thing; the formulas themselves are in bv_blend_math.h.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
-    const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
-    const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps, c10::string_view scale) {
-  const GroupInputs in =
-      prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean, hist_var, eps, scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const GroupInputs& in,
+                                                                       int64_t group_size,
+                                                                       const CpuHistory& history,
+                                                                       double eps) {
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(in.rewards, in.num_groups);
   double batch_scale = 1.0;
   if (in.mode == ScaleMode::Batch) {
@@ -703,7 +746,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
                                   "group_advantages_cpu", [&] {
     using acc_t = accumulate_t<scalar_t>;
     using L = Lanes<acc_t>;
-    const CpuHistory history = cpu_history(hist_mean, hist_var);
     const scalar_t* r = in.rewards.data_ptr<scalar_t>();
     scalar_t* adv = advantages.data_ptr<scalar_t>();
     zero_uncovered(in, adv);
@@ -774,6 +816,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
     });
   });
   return {advantages, group_mean, group_std, beta};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& offsets, int64_t group_size,
+    const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps, c10::string_view scale) {
+  const GroupInputs in =
+      prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
+  return forward_cpu(in, group_size, cpu_history(hist_mean, hist_var), eps);
 }
 
 at::Tensor group_advantages_backward_cpu(const at::Tensor& grad_in, const at::Tensor& advantages,
@@ -972,69 +1022,68 @@ void update_history_cpu(const at::Tensor& group_mean_in, at::Tensor& ring, at::T
   update_global_history(group_mean_in.contiguous(), ring, count, ema, var, alpha, min_history);
 }
 
-// ---- Per-key history ----------------------------------------------------------------------------
-// Keys are typically prompt ids drawn at random from a large table (K ~ 10^6: 24 MB over three
-// arrays), so nearly every table read misses the cache. Both passes prefetch the entries of the
-// group kPrefetchDistance ahead, which keeps that many misses in flight instead of one; the
-// update then finds the lines the gather has just brought in.
-constexpr int64_t kPrefetchDistance = 16;
-
-// Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
-constexpr int64_t kGatherGrain = 4096;
-
-// Below this many groups the key update runs on one thread, in group order. Above, each task owns
-// a range of keys and walks every group in order, updating its own keys only: every key still sees
-// its visits in group order, so the tables get the same bits for any thread count.
-constexpr int64_t kParallelKeyUpdate = 65536;
-
-inline void prefetch_key(const int64_t* keys, int64_t g, int64_t end, int64_t num_keys,
-                         const int64_t* count, const double* mean, const double* var) {
-  if (g >= end) return;
-  const int64_t k = keys[g];
-  if (!key_in_range(k, num_keys)) return;
-  __builtin_prefetch(count + k, 0, 3);
-  __builtin_prefetch(mean + k, 0, 3);
-  __builtin_prefetch(var + k, 0, 3);
-}
-
+// A 0-dim CPU tensor's value; reads float64 (what BVBlend's buffers hold) without a dispatch.
 double cpu_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>() : t.item<double>();
 }
 
-std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys_in,
+// ---- Per-key history ----------------------------------------------------------------------------
+
+// The (G,) float64 H and σ_u² of every group of a keyed call (see keyed_history), gathered in
+// parallel over groups: each group is read and written on its own.
+std::tuple<at::Tensor, at::Tensor> gather_key_history(const at::Tensor& keys_in,
+                                                      const at::Tensor& key_count,
+                                                      const at::Tensor& key_mean,
+                                                      const at::Tensor& key_var,
+                                                      const at::Tensor& hist_mean,
+                                                      const at::Tensor& hist_var,
+                                                      int64_t key_min_history) {
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t num_groups = keys.numel();
+  const auto options = keys.options().dtype(at::kDouble);
+  at::Tensor group_mean = at::empty({num_groups}, options);
+  at::Tensor group_var = at::empty({num_groups}, options);
+  const KeyTables tables{keys.const_data_ptr<int64_t>(), key_count.const_data_ptr<int64_t>(),
+                         key_mean.const_data_ptr<double>(), key_var.const_data_ptr<double>(),
+                         key_count.numel(), key_min_history, cpu_scalar(hist_mean),
+                         cpu_scalar(hist_var), group_mean.data_ptr<double>(),
+                         group_var.data_ptr<double>()};
+  at::parallel_for(0, num_groups, kGatherGrain,
+                   [&](int64_t first, int64_t last) { tables.gather(first, last); });
+  return {group_mean, group_var};
+}
+
+std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys,
                                                      const at::Tensor& key_count,
                                                      const at::Tensor& key_mean,
                                                      const at::Tensor& key_var,
                                                      const at::Tensor& hist_mean,
                                                      const at::Tensor& hist_var,
                                                      int64_t key_min_history) {
-  check_keyed_history_inputs(keys_in, key_count, key_mean, key_var, hist_mean, hist_var,
+  check_keyed_history_inputs(keys, key_count, key_mean, key_var, hist_mean, hist_var,
                              key_min_history);
-  const at::Tensor keys = keys_in.contiguous();
-  const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
-  const auto options = keys.options().dtype(at::kDouble);
-  at::Tensor group_mean = at::empty({num_groups}, options);
-  at::Tensor group_var = at::empty({num_groups}, options);
-  const double global_mean = cpu_scalar(hist_mean), global_var = cpu_scalar(hist_var);
-  const int64_t* k_ptr = keys.const_data_ptr<int64_t>();
-  const int64_t* count = key_count.const_data_ptr<int64_t>();
-  const double* mean = key_mean.const_data_ptr<double>();
-  const double* var = key_var.const_data_ptr<double>();
-  double* mean_out = group_mean.data_ptr<double>();
-  double* var_out = group_var.data_ptr<double>();
-  at::parallel_for(0, num_groups, kGatherGrain, [&](int64_t first, int64_t last) {
-    for (int64_t g = first; g < std::min(last, first + kPrefetchDistance); ++g) {
-      prefetch_key(k_ptr, g, last, num_keys, count, mean, var);
-    }
-    for (int64_t g = first; g < last; ++g) {
-      prefetch_key(k_ptr, g + kPrefetchDistance, last, num_keys, count, mean, var);
-      const int64_t k = k_ptr[g];
-      const bool keyed = key_in_range(k, num_keys) && count[k] >= key_min_history;
-      mean_out[g] = keyed ? mean[k] : global_mean;
-      var_out[g] = keyed ? var[k] : global_var;
-    }
-  });
-  return {group_mean, group_var};
+  return gather_key_history(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+                            key_min_history);
+}
+
+// The gather, then the forward blending each group with its gathered history.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+keyed_group_advantages_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                           int64_t group_size, const at::Tensor& keys,
+                           const at::Tensor& key_count, const at::Tensor& key_mean,
+                           const at::Tensor& key_var, const at::Tensor& hist_mean,
+                           const at::Tensor& hist_var, int64_t key_min_history, double eps,
+                           c10::string_view scale) {
+  check_keyed_history_inputs(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+                             key_min_history);
+  const GroupInputs in =
+      prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
+  check_group_keys(keys, rewards, in.num_groups);
+  auto [group_hist_mean, group_hist_var] = gather_key_history(
+      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
+  auto [advantages, group_mean, group_std, beta] =
+      forward_cpu(in, group_size, cpu_history(group_hist_mean, group_hist_var), eps);
+  return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
 }
 
 // Visits of keys in [first_key, last_key) by the groups in order (see visit_key).
@@ -1096,6 +1145,7 @@ TORCH_LIBRARY_IMPL(bv_blend, CPU, m) {
   m.impl("group_advantages_backward", &group_advantages_backward_cpu);
   m.impl("update_history", &update_history_cpu);
   m.impl("keyed_history", &keyed_history_cpu);
+  m.impl("keyed_group_advantages", &keyed_group_advantages_cpu);
   m.impl("update_keyed_history", &update_keyed_history_cpu);
 }
 

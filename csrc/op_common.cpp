@@ -201,4 +201,11 @@ void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& k
                     "key_ema_decay (key_alpha) must be in (0, 1], got ", key_alpha);
 }
 
+void check_group_keys(const at::Tensor& keys, const at::Tensor& rewards, int64_t num_groups) {
+  TORCH_CHECK_VALUE(keys.dim() == 1 && keys.size(0) == num_groups, "keys must have shape (G,) = (",
+                    num_groups, ",), one per group, got ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.device() == rewards.device(), "keys must be on the rewards' device (",
+                    rewards.device(), "), got ", keys.device());
+}
+
 }  // namespace bv_blend

@@ -69,4 +69,7 @@ void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& k
                                const at::Tensor& key_count, const at::Tensor& key_mean,
                                const at::Tensor& key_var, double key_alpha);
 
+// keyed_group_advantages: one key per group, on the rewards' device.
+void check_group_keys(const at::Tensor& keys, const at::Tensor& rewards, int64_t num_groups);
+
 }  // namespace bv_blend

@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(bv_blend, m) {
   // Advantages of one call with the history statistics given (H = hist_mean, σ_u² = hist_var,
-  // each 0-dim, shared by every group, or (G,), group g using element g). Groups come from `offsets` (G+1, int64) or, when offsets is None, from
-  // group_size. Statistics are returned in the accumulation dtype (float32, float64 for float64).
+  // each 0-dim, shared by every group, or (G,), group g using element g). Groups come from
+  // `offsets` (G+1, int64) or, when offsets is None, from group_size. Statistics are returned in
+  // the accumulation dtype (float32, float64 for float64).
   m.def(
       "group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor hist_mean, "
       "Tensor hist_var, float eps, str scale) -> (Tensor advantages, Tensor group_mean, "
@@ -29,6 +30,16 @@ TORCH_LIBRARY(bv_blend, m) {
       "keyed_history(Tensor keys, Tensor key_count, Tensor key_mean, Tensor key_var, "
       "Tensor hist_mean, Tensor hist_var, int key_min_history) -> "
       "(Tensor group_hist_mean, Tensor group_hist_var)");
+  // keyed_history and group_advantages in one op: the advantages and statistics of
+  // group_advantages, then each group's H and σ_u² as keyed_history gives them (the gradient
+  // treats them as constants). One op rather than two calls, because each entry from Python
+  // costs microseconds, and because on CPU the gather then runs inside the forward's loop over
+  // groups, where the forward's arithmetic hides the key tables' cache misses.
+  m.def(
+      "keyed_group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
+      "Tensor key_count, Tensor key_mean, Tensor key_var, Tensor hist_mean, Tensor hist_var, "
+      "int key_min_history, float eps, str scale) -> (Tensor advantages, Tensor group_mean, "
+      "Tensor group_std, Tensor beta, Tensor group_hist_mean, Tensor group_hist_var)");
   // After a keyed call: every group with a finite mean visits its key, in group order (so
   // duplicate keys apply in group order; keys outside [0, num_keys) are skipped), then the global
   // history is updated exactly as update_history does.

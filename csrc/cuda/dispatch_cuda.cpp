@@ -169,6 +169,27 @@ std::tuple<at::Tensor, at::Tensor> keyed_history_cuda(const at::Tensor& keys_in,
   return {group_hist_mean, group_hist_var};
 }
 
+// The gather, then the forward with its (G,) statistics: two launches, no synchronisation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+keyed_group_advantages_cuda(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+                            int64_t group_size, const at::Tensor& keys,
+                            const at::Tensor& key_count, const at::Tensor& key_mean,
+                            const at::Tensor& key_var, const at::Tensor& hist_mean,
+                            const at::Tensor& hist_var, int64_t key_min_history, double eps,
+                            c10::string_view scale) {
+  // Every check before the first launch, so that a bad call launches nothing.
+  check_keyed_history_inputs(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+                             key_min_history);
+  parse_scale(scale);
+  check_group_keys(keys, rewards,
+                   check_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps));
+  auto [group_hist_mean, group_hist_var] = keyed_history_cuda(
+      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
+  auto [advantages, group_mean, group_std, beta] = group_advantages_cuda(
+      rewards, offsets, group_size, group_hist_mean, group_hist_var, eps, scale);
+  return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
+}
+
 void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor& keys_in,
                                at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
                                double key_alpha, at::Tensor& ring, at::Tensor& count,
@@ -205,6 +226,7 @@ TORCH_LIBRARY_IMPL(bv_blend, CUDA, m) {
   m.impl("group_advantages_backward", &group_advantages_backward_cuda);
   m.impl("update_history", &update_history_cuda);
   m.impl("keyed_history", &keyed_history_cuda);
+  m.impl("keyed_group_advantages", &keyed_group_advantages_cuda);
   m.impl("update_keyed_history", &update_keyed_history_cuda);
 }
 

@@ -362,7 +362,9 @@ struct ScratchLayout {
 
 constexpr size_t kScratchAlign = 256;
 
-size_t align_up(size_t bytes) { return (bytes + kScratchAlign - 1) / kScratchAlign * kScratchAlign; }
+size_t align_up(size_t bytes) {
+  return (bytes + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+}
 
 // Bits of the sort key: enough for the sentinel num_keys itself.
 int sort_bits(int64_t num_keys) {

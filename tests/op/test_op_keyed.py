@@ -22,8 +22,7 @@ NAN, INF = float("nan"), float("inf")
 SCALES = ("group", "blend", "batch", "none")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OPS = torch.ops.bv_blend
-needs_cuda = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def per_group_history(num_groups, seed, unusable=False):
@@ -132,8 +131,12 @@ def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
         r[3 * k] = NAN
         g = torch.randn(r.shape, generator=gen)
         h, u = per_group_history(37, seed=k, unusable=True)
+        scalar = (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64))
         for scale in SCALES:
             cases.append((r, g, k, h, u, scale))
+            # One value per group against the scalar, compared below in the child's results.
+            cases.append((r, g, k, *scalar, scale))
+            cases.append((r, g, k, *(t.expand(37).clone() for t in scalar), scale))
     inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
     torch.save(cases, inputs)
     here = [[*OPS.group_advantages(r, None, k, hm, hv, 1e-4, s),
@@ -146,6 +149,8 @@ def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
     there = torch.load(outputs)
     for case, a, b in zip(cases, here, there):
         assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b)), (case[2], case[5])
+    for i in range(1, len(cases), 3):
+        assert all(torch.equal(bits(x), bits(y)) for x, y in zip(there[i], there[i + 1]))
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -164,6 +169,7 @@ BAD_HISTORY = {
     "hist_var negative": (dict(hist_var=torch.tensor([0.1, -0.5, 0.2])), "hist_var"),
     "hist_var nan": (dict(hist_var=torch.tensor([NAN, 0.5, 0.2])), "hist_var"),
     "hist_mean of G+1": (dict(hist_mean=torch.zeros(4)), "hist_mean"),
+    "hist_mean of G-1": (dict(hist_mean=torch.zeros(2)), "hist_mean"),
     "hist_var 2-D": (dict(hist_var=torch.zeros(3, 2)), "hist_var"),
     "hist_var int": (dict(hist_var=torch.zeros(3, dtype=torch.int64)), "hist_var"),
 }
@@ -488,6 +494,25 @@ def test_opcheck_keyed_ops():
                           (means, keys, *key_tables(), 0.25, *state, 0.3, 2))
 
 
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_keyed_group_advantages_is_the_gather_then_the_blend(layout, scale):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], dtype=torch.float64,
+                           requires_grad=True)
+    offsets, group_size = (None, 4) if layout == "fixed" else (torch.tensor([0, 3, 4, 8]), 0)
+    keys = torch.tensor([1, 4]) if layout == "fixed" else torch.tensor([1, 7, 3])
+    history = (torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64))
+    args = (rewards, offsets, group_size, keys, *key_tables(), *history, 2, 1e-4, scale)
+    fused = OPS.keyed_group_advantages(*args)
+    h, u = OPS.keyed_history(keys, *key_tables(), *history, 2)
+    apart = OPS.group_advantages(rewards, offsets, group_size, h, u, 1e-4, scale)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fused, (*apart, h, u)))
+    torch.library.opcheck(OPS.keyed_group_advantages.default, args)
+    torch.autograd.gradcheck(lambda r: OPS.keyed_group_advantages(r, *args[1:])[0], (rewards,))
+    with raises_naming("keys"):
+        OPS.keyed_group_advantages(rewards, offsets, group_size, keys[:1], *args[4:])
+
+
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
 def test_opcheck_group_advantages_with_per_group_history(layout):
     rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], requires_grad=True)
@@ -559,6 +584,8 @@ def test_compile_keyed_step_fullgraph():
 
 # 4. CUDA ---------------------------------------------------------------------------------------
 
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ("ragged", 16))
 def test_cuda_per_group_history_parity(layout, dtype):
@@ -587,10 +614,6 @@ def test_cuda_per_group_history_parity(layout, dtype):
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(scalar, full))
 
 
-for _mark in needs_cuda:
-    test_cuda_per_group_history_parity = _mark(test_cuda_per_group_history_parity)
-
-
 def cuda_keyed_calls(num_calls=5, num_groups=3000, num_keys=500, seed=30):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(num_calls):
@@ -603,13 +626,14 @@ def cuda_keyed_calls(num_calls=5, num_groups=3000, num_keys=500, seed=30):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_keyed_step_matches_cpu():
     settings = dict(num_keys=500, key_min_history=2, **KEYED)
     cpu, gpu = bv_blend_ext.BVBlend(**settings), bv_blend_ext.BVBlend(**settings).cuda()
     for rewards, keys in cuda_keyed_calls():
-        want = cpu.step(rewards, group_size=8, keys=keys)
-        got = gpu.step(rewards.cuda(), group_size=8, keys=keys.cuda())
+        keys[5], keys[7] = -1, 2**40  # unvalidated: their groups use the global history
+        want = cpu.step(rewards, group_size=8, keys=keys, validate=False)
+        got = gpu.step(rewards.cuda(), group_size=8, keys=keys.cuda(), validate=False)
         for name in ("history_mean", "history_var"):
             torch.testing.assert_close(getattr(got, name).cpu(), getattr(want, name),
                                        rtol=1e-5, atol=1e-6)
@@ -635,7 +659,7 @@ def test_cuda_keyed_step_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_keyed_step_is_deterministic():
     runs = []
     for _ in range(2):
@@ -648,7 +672,7 @@ def test_cuda_keyed_step_is_deterministic():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_graph_capture_and_replay_of_the_keyed_step():
     settings = dict(num_keys=64, key_min_history=1, **KEYED)
     est = bv_blend_ext.BVBlend(**settings).cuda()
