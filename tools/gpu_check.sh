@@ -31,9 +31,9 @@ step build 300 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
 if ! step op-tests 240 python3 -m pytest -q -rs -p no:cacheprovider --durations=8 tests/op; then
   # A crash ends a serial run early: get the native stack of the crash, then every test's verdict
   # from xdist workers (a crashed worker is replaced and its test reported as failed).
-  command -v cuda-gdb >/dev/null && step crash-stack 180 cuda-gdb -q -batch -ex run -ex bt \
+  command -v cuda-gdb >/dev/null && step crash-stack 90 cuda-gdb -q -batch -ex run -ex bt \
     --args python3 -m pytest -q -x -p no:cacheprovider tests/op
-  step op-tests-xdist 240 python3 -m pytest -q -rfEs -p no:cacheprovider -n 4 tests/op
+  step op-tests-xdist 120 python3 -m pytest -q -rfEs -p no:cacheprovider -n 4 tests/op
 fi
 compile_flag=(--compile-sizes 1024x16)
 [ "${GPU_CHECK_COMPILE:-1}" = 0 ] && compile_flag=(--no-compile)
