@@ -3,10 +3,30 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <utility>
 
 namespace bv_blend {
+
+std::string as_text(int64_t value) {
+  char buffer[24];
+  return std::string(buffer, std::to_chars(buffer, buffer + sizeof(buffer), value).ptr);
+}
+
+std::string as_text(double value) {
+  char buffer[32];  // the shortest round-trip form of any double fits
+  return std::string(buffer, std::to_chars(buffer, buffer + sizeof(buffer), value).ptr);
+}
+
+std::string as_text(at::IntArrayRef shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += as_text(shape[i]);
+  }
+  return text + "]";
+}
 
 ScaleMode parse_scale(std::string_view scale) {
   if (scale == "group") return ScaleMode::Group;
@@ -25,8 +45,8 @@ at::ScalarType accumulation_type(at::ScalarType reward_type) {
 static void check_history_stat(const at::Tensor& stat, const at::Tensor& rewards,
                                int64_t num_groups, const char* name) {
   TORCH_CHECK_VALUE(stat.dim() == 0 || (stat.dim() == 1 && stat.size(0) == num_groups), name,
-                    " must be a 0-dim tensor or of shape (G,) = (", num_groups,
-                    ",) (one value per group), got shape ", stat.sizes());
+                    " must be a 0-dim tensor or of shape (G,) = (", as_text(num_groups),
+                    ",) (one value per group), got shape ", as_text(stat.sizes()));
   TORCH_CHECK_TYPE(at::isFloatingType(stat.scalar_type()), name,
                    " must be a floating-point tensor, got ", stat.scalar_type());
   TORCH_CHECK_VALUE(stat.device() == rewards.device(), name, " must be on the rewards' device (",
@@ -38,31 +58,33 @@ static int64_t count_groups(const at::Tensor& rewards, const std::optional<at::T
   const int64_t n = rewards.numel();
   if (offsets.has_value()) {
     TORCH_CHECK_VALUE(group_size == 0, "pass exactly one of group_size and offsets, got both "
-                      "(group_size = ", group_size, ")");
+                      "(group_size = ", as_text(group_size), ")");
     const at::Tensor& o = *offsets;
     TORCH_CHECK_TYPE(o.scalar_type() == at::kLong, "offsets must be int64, got ", o.scalar_type());
     TORCH_CHECK_VALUE(o.dim() == 1 && o.numel() >= 1,
-                      "offsets must be 1-D of length G+1 >= 1, got shape ", o.sizes());
+                      "offsets must be 1-D of length G+1 >= 1, got shape ", as_text(o.sizes()));
     TORCH_CHECK_VALUE(o.device() == rewards.device(), "offsets must be on the rewards' device (",
                       rewards.device(), "), got ", o.device());
     return o.numel() - 1;
   }
   TORCH_CHECK_VALUE(group_size >= 1, "pass exactly one of group_size and offsets: group_size must "
-                    "be >= 1 when offsets is None, got ", group_size);
-  TORCH_CHECK_VALUE(n % group_size == 0, "group_size (", group_size,
-                    ") must divide the number of rewards (", n, ")");
+                    "be >= 1 when offsets is None, got ", as_text(group_size));
+  TORCH_CHECK_VALUE(n % group_size == 0, "group_size (", as_text(group_size),
+                    ") must divide the number of rewards (", as_text(n), ")");
   return n / group_size;
 }
 
 int64_t check_group_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
                            int64_t group_size, const at::Tensor& hist_mean,
                            const at::Tensor& hist_var, double eps) {
-  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D (N,), got shape ", rewards.sizes());
+  TORCH_CHECK_VALUE(rewards.dim() == 1, "rewards must be 1-D (N,), got shape ",
+                    as_text(rewards.sizes()));
   const auto dtype = rewards.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
                        dtype == at::kDouble,
                    "rewards must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ",
+                    as_text(eps));
   const int64_t num_groups = count_groups(rewards, offsets, group_size);
   check_history_stat(hist_mean, rewards, num_groups, "hist_mean");
   check_history_stat(hist_var, rewards, num_groups, "hist_var");
@@ -109,7 +131,7 @@ void check_backward_inputs(const at::Tensor& grad_advantages, const at::Tensor& 
                       " must be on the rewards' device (", rewards.device(), "), got ",
                       tensor->device());
     TORCH_CHECK_VALUE(tensor->sizes() == rewards.sizes(), name, " must have the rewards' shape ",
-                      rewards.sizes(), ", got ", tensor->sizes());
+                      as_text(rewards.sizes()), ", got ", as_text(tensor->sizes()));
     TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()), name,
                      " must be a floating-point tensor, got ", tensor->scalar_type());
   }
@@ -126,11 +148,11 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                           const at::Tensor& count, const at::Tensor& ema, const at::Tensor& var,
                           double alpha, int64_t min_history) {
   TORCH_CHECK_VALUE(group_mean.dim() == 1, "group_mean must be 1-D, got shape ",
-                    group_mean.sizes());
+                    as_text(group_mean.sizes()));
   TORCH_CHECK_TYPE(group_mean.scalar_type() == at::kFloat || group_mean.scalar_type() == at::kDouble,
                    "group_mean must be float32 or float64, got ", group_mean.scalar_type());
   TORCH_CHECK_VALUE(ring.dim() == 1 && ring.numel() >= 2, "ring must be 1-D with window >= 2 ",
-                    "entries, got shape ", ring.sizes());
+                    "entries, got shape ", as_text(ring.sizes()));
   TORCH_CHECK_TYPE(ring.scalar_type() == at::kDouble && ema.scalar_type() == at::kDouble &&
                        var.scalar_type() == at::kDouble,
                    "ring, ema and var must be float64");
@@ -144,14 +166,15 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                       "history state must be on group_mean's device (", group_mean.device(),
                       "), got ", t->device());
   }
-  TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "ema_decay (alpha) must be in (0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(min_history >= 0, "min_history must be >= 0, got ", min_history);
+  TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "ema_decay (alpha) must be in (0, 1], got ",
+                    as_text(alpha));
+  TORCH_CHECK_VALUE(min_history >= 0, "min_history must be >= 0, got ", as_text(min_history));
 }
 
 void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                       const at::Tensor& key_mean, const at::Tensor& key_var) {
   TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong, "keys must be int64, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 1, "keys must be 1-D (G,), got shape ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 1, "keys must be 1-D (G,), got shape ", as_text(keys.sizes()));
   TORCH_CHECK_TYPE(key_count.scalar_type() == at::kLong, "key_count must be int64, got ",
                    key_count.scalar_type());
   TORCH_CHECK_TYPE(key_mean.scalar_type() == at::kDouble && key_var.scalar_type() == at::kDouble,
@@ -161,8 +184,8 @@ void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                         key_mean.sizes() == key_count.sizes() &&
                         key_var.sizes() == key_count.sizes(),
                     "key_count, key_mean and key_var must be 1-D of one length num_keys >= 1, "
-                    "got shapes ", key_count.sizes(), ", ", key_mean.sizes(), ", ",
-                    key_var.sizes());
+                    "got shapes ", as_text(key_count.sizes()), ", ", as_text(key_mean.sizes()),
+                    ", ", as_text(key_var.sizes()));
   for (const auto& [tensor, name] : {std::pair{&key_count, "key_count"},
                                      std::pair{&key_mean, "key_mean"},
                                      std::pair{&key_var, "key_var"}}) {
@@ -180,13 +203,14 @@ void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_co
   for (const auto& [tensor, name] : {std::pair{&hist_mean, "hist_mean"},
                                      std::pair{&hist_var, "hist_var"}}) {
     TORCH_CHECK_VALUE(tensor->dim() == 0, name, " must be a 0-dim tensor (the global history), "
-                      "got shape ", tensor->sizes());
+                      "got shape ", as_text(tensor->sizes()));
     TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()), name,
                      " must be a floating-point tensor, got ", tensor->scalar_type());
     TORCH_CHECK_VALUE(tensor->device() == keys.device(), name, " must be on the keys' device (",
                       keys.device(), "), got ", tensor->device());
   }
-  TORCH_CHECK_VALUE(key_min_history >= 1, "key_min_history must be >= 1, got ", key_min_history);
+  TORCH_CHECK_VALUE(key_min_history >= 1, "key_min_history must be >= 1, got ",
+                    as_text(key_min_history));
 }
 
 void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& keys,
@@ -194,16 +218,17 @@ void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& k
                                const at::Tensor& key_var, double key_alpha) {
   check_key_tables(keys, key_count, key_mean, key_var);
   TORCH_CHECK_VALUE(keys.sizes() == group_mean.sizes(), "keys must have group_mean's shape ",
-                    group_mean.sizes(), " (one key per group), got ", keys.sizes());
+                    as_text(group_mean.sizes()), " (one key per group), got ",
+                    as_text(keys.sizes()));
   TORCH_CHECK_VALUE(keys.device() == group_mean.device(), "keys must be on group_mean's device (",
                     group_mean.device(), "), got ", keys.device());
   TORCH_CHECK_VALUE(key_alpha > 0 && key_alpha <= 1,
-                    "key_ema_decay (key_alpha) must be in (0, 1], got ", key_alpha);
+                    "key_ema_decay (key_alpha) must be in (0, 1], got ", as_text(key_alpha));
 }
 
 void check_group_keys(const at::Tensor& keys, const at::Tensor& rewards, int64_t num_groups) {
   TORCH_CHECK_VALUE(keys.dim() == 1 && keys.size(0) == num_groups, "keys must have shape (G,) = (",
-                    num_groups, ",), one per group, got ", keys.sizes());
+                    as_text(num_groups), ",), one per group, got ", as_text(keys.sizes()));
   TORCH_CHECK_VALUE(keys.device() == rewards.device(), "keys must be on the rewards' device (",
                     rewards.device(), "), got ", keys.device());
 }

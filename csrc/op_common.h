@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -13,6 +14,14 @@
 namespace bv_blend {
 
 ScaleMode parse_scale(std::string_view scale);
+
+// Numbers and shapes as text for error messages. Every message of this extension formats them
+// with these rather than inserting them into an ostream: on a lent H100 machine (GCC 13, torch
+// 2.11) building such a message crashed inside std::ostream's integer insertion compiled into
+// this library, whereas std::to_chars needs no locale or stream.
+std::string as_text(int64_t value);
+std::string as_text(double value);
+std::string as_text(at::IntArrayRef shape);
 
 at::ScalarType accumulation_type(at::ScalarType reward_type);
 

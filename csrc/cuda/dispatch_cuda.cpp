@@ -198,7 +198,8 @@ void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor
   check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
   check_keyed_update_inputs(group_mean_in, keys_in, key_count, key_mean, key_var, key_alpha);
   TORCH_CHECK_VALUE(keys_in.numel() <= std::numeric_limits<int32_t>::max(),
-                    "keys: at most 2^31 - 1 groups per call, got ", keys_in.numel());
+                    "keys: at most 2^31 - 1 groups per call, got ",
+                    as_text(keys_in.numel()));
   const c10::cuda::CUDAGuard guard(group_mean_in.device());
   const at::Tensor group_mean = group_mean_in.contiguous();
   const at::Tensor keys = keys_in.contiguous();

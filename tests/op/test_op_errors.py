@@ -151,3 +151,18 @@ def test_failed_call_leaves_history_untouched(case):
     # And the estimator carries on exactly as one that never saw the bad call.
     good = torch.tensor([2.0, 5.0, 1.0, 1.5])
     assert torch.equal(est(good, 2), twin(good, 2))
+
+
+def test_messages_spell_out_numbers_and_shapes():
+    # The op formats numbers itself (op_common.h, as_text); these are the texts users read.
+    ops = torch.ops.bv_blend
+    h = torch.tensor(0.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"got shape \[1, 3\]$"):
+        ops.group_advantages(REWARDS, torch.tensor([[0, 3, 6]]), 0, h, h, 1e-4, "blend")
+    with pytest.raises(ValueError, match=r"group_size \(4\) must divide the number of rewards \(6\)"):
+        ops.group_advantages(REWARDS, None, 4, h, h, 1e-4, "blend")
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0, got -0\.25$"):
+        ops.group_advantages(REWARDS, None, 3, h, h, -0.25, "blend")
+    with pytest.raises(ValueError, match=r"\(G,\) = \(2,\) \(one value per group\), got shape \[3\]"):
+        ops.group_advantages(REWARDS, None, 3, torch.zeros(3, dtype=torch.float64), h, 1e-4,
+                             "blend")
