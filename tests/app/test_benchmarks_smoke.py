@@ -67,7 +67,9 @@ def test_bench_op_quick(tmp_path):
     seen = {(r["case"], r["size"], r["impl"]) for r in rows}
     for case in bench_op.CASES:
         for size in bench_op.QUICK_SIZES:
-            assert (case, size.label, "op") in seen and (case, size.label, "eager") in seen
+            if case != "keyed step" or size.label in bench_op.QUICK.keyed_sizes:
+                assert (case, size.label, "op") in seen and (case, size.label, "eager") in seen
+    assert ("keyed step", "64x8", "op") in seen
     assert all(float(r["median_us"]) > 0 for r in rows)
     text = (folder / "op.md").read_text()
     assert "## Targets" in text and "op vs eager" in text
@@ -81,10 +83,11 @@ def test_bench_op_reports_a_baseline_that_cannot_be_built(monkeypatch):
         return call
     monkeypatch.setattr(torch, "compile", broken)
     plan = bench_op.Plan(bench_op.QUICK_SIZES[:1], ("op", "compile"), budget_s=0.002, repeats=2,
-                         loop_ref_max_groups=0)
+                         loop_ref_max_groups=0, keyed_sizes=("64x8",), num_keys=100)
     rows, notes = bench_op.run_config("cpu", 1, plan, log=lambda *_: None)
     assert [r["impl"] for r in rows] == ["op"] * len(bench_op.CASES)
-    assert len(notes) == len(bench_op.CASES)
+    compiled = [case for case in bench_op.CASES if (case, "compile") in bench_op.BUILDERS]
+    assert len(notes) == len(compiled)  # the keyed step has no compiled baseline
     assert all("RuntimeError: no compiler" in note for note in notes)
 
 
