@@ -33,6 +33,8 @@ if not __package__:
 
 from benchmarks import estimator_sim as sim  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from bv_blend.advantages import AdvantageEstimator, Advantages  # noqa: E402
+from bv_blend_ext import reference as bv_reference  # noqa: E402
 
 RESULTS = harness.RESULTS / "estimators"
 
@@ -293,14 +295,75 @@ def sim_plot(path: Path, runs, curves, cells) -> None:
 
 # part B2: the real trainer -------------------------------------------------------------------
 
-TRAINER_ESTIMATORS = {  # name -> GRPOConfig overrides
+TRAINER_ESTIMATORS = {  # name -> GRPOConfig overrides (keyed ones get their estimator below)
     "grpo": dict(estimator="grpo"),
     "rloo": dict(estimator="rloo"),
     "dr_grpo": dict(estimator="dr_grpo"),
     "batch": dict(estimator="batch"),
     "bv_blend_group": dict(estimator="bv_blend", bv_scale="group"),
     "bv_blend": dict(estimator="bv_blend", bv_scale="blend"),
+    "bv_blend_none": dict(estimator="bv_blend", bv_scale="none"),
+    "bv_keyed": dict(estimator="bv_blend", bv_scale="blend"),
+    "bv_keyed_none": dict(estimator="bv_blend", bv_scale="none"),
+    "spo": dict(estimator="grpo"),
 }
+
+
+class PromptKeys:
+    """Gives the trainer's estimator the prompt ids it does not pass yet: ids are handed out in
+    order of first sight, and the keyed estimators read the ids of the step's prompts."""
+
+    def __init__(self, trainer, estimator, num_keys: int):
+        self.ids, self.num_keys, self.current = {}, num_keys, []
+        self.estimator = estimator
+        next_examples = trainer._next_examples
+
+        def remember():
+            examples = next_examples()
+            self.current = [self.ids.setdefault(e["prompt"], len(self.ids)) for e in examples]
+            return examples
+        trainer._next_examples = remember
+
+    def __call__(self, rewards, group_size):
+        keys = torch.tensor(self.current, dtype=torch.int64)
+        if isinstance(self.estimator, bv_reference.KeyedHistoryReference):
+            step = self.estimator.step(rewards, group_size, keys=keys, scale=self.scale)
+            return Advantages(step.advantages, step.group_mean, step.group_std, step.beta, 0.0, 0.0)
+        return self.estimator(rewards, group_size, keys=keys)
+
+
+def keyed_estimator(trainer, name: str, num_keys: int):
+    """bv_keyed*: per-prompt BV-Blend (the spec, reference.KeyedHistoryReference: the keyed op
+    is not on this branch); spo: advantages.AdvantageEstimator("spo")."""
+    if name == "spo":
+        return PromptKeys(trainer, AdvantageEstimator("spo", num_keys=num_keys), num_keys)
+    keys = PromptKeys(trainer, bv_reference.KeyedHistoryReference(num_keys=num_keys), num_keys)
+    keys.scale = "none" if name.endswith("_none") else "blend"
+    return keys
+
+
+def task_prompts(task: str) -> list[dict]:
+    """Every distinct prompt of a procedural task with a small prompt set (add: 100)."""
+    if task.startswith("add"):
+        return [{"prompt": f"{a}+{b}=", "answer": f"{a + b:02d}"} for a in range(10) for b in range(10)]
+    raise ValueError(f"no fixed evaluation set for task {task!r}")
+
+
+@torch.no_grad()
+def expected_reward(trainer, examples: list[dict], samples: int, seed: int = 12345) -> float:
+    """Mean reward over every prompt of the task, `samples` sampled completions each, at the
+    training temperature: the policy's expected reward up to ~0.3/sqrt(100 samples) noise, and
+    the same random numbers at every evaluation of every run (the training RNG is restored)."""
+    from bv_blend.sampling import sample_completions
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        rollout = trainer._sample(examples, samples)
+    finally:
+        torch.set_rng_state(state)
+    prompts, columns = trainer._reward_inputs(examples, repeat=samples)
+    rewards, _ = trainer.rewards(prompts, rollout.completions, columns)
+    return float(rewards.nanmean())
 
 
 def moving_average(x: np.ndarray, width: int) -> np.ndarray:
@@ -311,90 +374,113 @@ def moving_average(x: np.ndarray, width: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def run_trainer(estimators, seeds: int, steps: int, threshold: float, smooth: int, overrides: dict,
-                workdir: Path, log=print):
-    """Trains the tiny model once per (estimator, seed) on CPU, one thread."""
+def run_trainer(estimators, seeds, steps: int, eval_every: int, eval_samples: int, threshold: float,
+                overrides: dict, workdir: Path, log=print):
+    """Trains the tiny model once per (estimator, seed) on CPU, one thread; the expected reward
+    over every prompt of the task is evaluated every `eval_every` steps."""
     import transformers
     from bv_blend import GRPOConfig, GRPOTrainer
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
+    examples = task_prompts(overrides["task"])
     runs, curves = [], {}
     for est in estimators:
-        for seed in range(seeds):
+        for seed in seeds:
             t0 = time.perf_counter()
             cfg = GRPOConfig(**{**overrides, **TRAINER_ESTIMATORS[est]}, max_steps=steps,
                              seed=seed, device="cpu", save_steps=0, progress_bar=False,
                              output_dir=str(workdir / f"{est}-{seed}"))
             trainer = GRPOTrainer(config=cfg)
-            rows = [trainer.step() for _ in range(steps)]
+            if est.startswith("bv_keyed") or est == "spo":
+                trainer.estimator = keyed_estimator(trainer, est, len(examples))
+            evals = [expected_reward(trainer, examples, eval_samples)]
+            rows = []
+            for step in range(1, steps + 1):
+                rows.append(trainer.step())
+                if step % eval_every == 0:
+                    evals.append(expected_reward(trainer, examples, eval_samples))
+            evals = np.array(evals)
+            hit = np.nonzero(evals >= threshold)[0]
             reward = np.array([r["reward_mean"] for r in rows])
-            smoothed = moving_average(reward, smooth)
-            hit = np.nonzero(smoothed >= threshold)[0]
-            tail = reward[len(reward) // 2:]
             runs.append(dict(
-                estimator=est, seed=seed, steps=steps,
-                steps_to_threshold=float(hit[0] + 1) if len(hit) else math.inf,
-                final_reward=float(reward[-min(50, len(reward)):].mean()),
-                reward_var=float(np.var(reward, ddof=1)),
-                reward_step_var=float(np.var(np.diff(reward), ddof=1) / 2),
-                reward_step_var_2nd_half=float(np.var(np.diff(tail), ddof=1) / 2) if len(tail) > 2 else math.nan,
-                within_batch_std=float(np.mean([r["reward_std"] for r in rows])),
+                estimator=est, seed=seed, steps=steps, lr=overrides["learning_rate"],
+                eval_auc=float(evals[1:].mean()), eval_final=float(evals[-1]),
+                eval_steps_to_threshold=float(hit[0] * eval_every) if len(hit) else math.inf,
+                batch_reward_last50=float(reward[-50:].mean()),
                 frac_zero_std=float(np.mean([r["frac_reward_zero_std"] for r in rows])),
                 advantage_abs_max=float(np.max([r["advantage_abs_max"] for r in rows])),
                 seconds=time.perf_counter() - t0))
-            curves.setdefault(est, []).append(reward)
-            log(f"  {est} seed {seed}: steps to {threshold} = {runs[-1]['steps_to_threshold']}, "
-                f"final {runs[-1]['final_reward']:.3f} ({runs[-1]['seconds']:.0f} s)")
+            curves.setdefault(est, []).append(evals)
+            log(f"  {est} seed {seed}: eval AUC {runs[-1]['eval_auc']:.3f}, final "
+                f"{runs[-1]['eval_final']:.3f} ({runs[-1]['seconds']:.0f} s)")
     return runs, curves
 
 
+def seed_list(text: str) -> list[int]:
+    """"a-b" (inclusive) or "a,b,c"."""
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in text.split(",")]
+
+
 def trainer_markdown(runs, args, command: str) -> str:
-    est_names = list(dict.fromkeys(r["estimator"] for r in runs))
-    lines = ["# Estimators with the real trainer (tiny model)", "",
+    names = list(dict.fromkeys(r["estimator"] for r in runs))
+    ref = "grpo" if "grpo" in names else names[0]
+
+    def seeds_of(est, key):
+        return np.array([r[key] for r in sorted((r for r in runs if r["estimator"] == est),
+                                                key=lambda r: r["seed"])])
+    lines = ["# Estimators with the real trainer (tiny model), fixed evaluation", "",
              f"Command: `{command}`", "",
-             f"Task `{args.task}`, {args.steps} steps, batch {args.batch_size} completions, group "
-             f"size {args.num_generations}, lr {args.learning_rate}, CPU, {args.seeds} seeds per "
-             f"estimator (seed = model init + data + sampling). Threshold: the {args.smooth}-step "
-             f"trailing mean of the batch reward >= {args.threshold}.", "",
-             "- `final` = mean batch reward over the last 50 steps; `step var` = var(r_t+1 - r_t)/2 "
-             "of the batch mean reward r_t (step-to-step noise, insensitive to the learning "
-             "trend); `var` = variance of r_t over the run (includes the trend); `|A| max` = "
-             "largest advantage seen.",
-             "- Values: median over seeds [95% bootstrap interval].", "",
-             "| estimator | steps to threshold | reached | final reward | step var (x1e-3) "
-             "| var (x1e-3) | |A| max |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for est in est_names:
+             f"Task `{args.task}`, {args.steps} steps, {args.batch_size} completions per step in "
+             f"groups of {args.num_generations}, AdamW lr per estimator (column `lr`) chosen from "
+             f"{args.learning_rates} by mean eval AUC on seeds {args.tune_seeds}, CPU, seeds "
+             f"{args.seeds_list[0]}..{args.seeds_list[-1]} for every estimator (seed = model init "
+             "+ data + sampling). Evaluation: the mean reward of {args.eval_samples} sampled "
+             f"completions (temperature 1, the same random numbers for every run) of each of the "
+             f"task's {len(task_prompts(args.task))} prompts, every {args.eval_every} steps "
+             "(never the batch reward).", "",
+             f"- `eval AUC` = mean evaluation reward over the evaluations after step 0 (x100); "
+             f"`d vs {ref}` = mean per-seed paired difference x100 [95% bootstrap interval] "
+             "wins/losses, sign-test p; `steps to thr` = first evaluation with reward >= "
+             f"{args.threshold}.",
+             "- keyed estimators get prompt ids from the benchmark (the trainer does not pass "
+             "them on this branch); bv_keyed* use reference.KeyedHistoryReference (key alpha "
+             "0.25, 2 visits before a key is used).", "",
+             f"| estimator | lr | eval AUC | d vs {ref} | p | eval final | d vs {ref} | steps to thr "
+             "| reached | tied groups | max abs A |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    for est in names:
         rs = [r for r in runs if r["estimator"] == est]
-        lines.append(
-            f"| {est} | {summary(rs, 'steps_to_threshold')} | {reached(rs)} "
-            f"| {summary(rs, 'final_reward')} | {summary(rs, 'reward_step_var', 1e3)} "
-            f"| {summary(rs, 'reward_var', 1e3)} | {summary(rs, 'advantage_abs_max')} |")
+        cells = []
+        for key in ("eval_auc", "eval_final"):
+            d = paired(100 * (seeds_of(est, key) - seeds_of(ref, key)))
+            cells.append((fmt(median_ci([100 * r[key] for r in rs])),
+                          f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {d['wins']}/{d['losses']}",
+                          f"{d['p']:.2g}"))
+        lines.append(f"| {est} | {rs[0]['lr']:g} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][0]} "
+                     f"| {cells[1][1]} | {summary(rs, 'eval_steps_to_threshold')} "
+                     f"| {sum(math.isfinite(r['eval_steps_to_threshold']) for r in rs)}/{len(rs)} "
+                     f"| {np.mean([r['frac_zero_std'] for r in rs]):.2f} "
+                     f"| {np.median([r['advantage_abs_max'] for r in rs]):.3g} |")
+    if {"rloo", "dr_grpo"} <= set(names):
+        d = paired(100 * (seeds_of("rloo", "eval_auc") - seeds_of("dr_grpo", "eval_auc")))
+        lines += ["", f"Noise floor (rloo - dr_grpo, the same estimator up to a factor AdamW "
+                      f"cancels): eval AUC {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] "
+                      f"{d['wins']}/{d['losses']}, p {d['p']:.2g}."]
     return "\n".join(lines) + "\n"
 
 
 def trainer_plot(path: Path, runs, curves, args) -> None:
-    with harness.figure(path, 1, 2, figsize=(12, 4.2)) as (_, axes):
+    with harness.figure(path, 1, 1, figsize=(7, 4.2)) as (_, ax):
+        steps = np.arange(0, args.steps + 1, args.eval_every)
         for est, cs in curves.items():
-            _band(axes[0], np.stack([moving_average(c, args.smooth) for c in cs]), est)
-        axes[0].axhline(args.threshold, color="k", lw=0.8, ls="--")
-        axes[0].set(title=f"batch reward ({args.smooth}-step mean), median and IQR over seeds",
-                    xlabel="step", ylabel="reward")
-        axes[0].legend(fontsize=7)
-        names = list(curves)
-        for i, est in enumerate(names):
-            steps = [min(r["steps_to_threshold"], args.steps * 1.05) for r in runs if r["estimator"] == est]
-            axes[1].scatter(np.full(len(steps), i) + np.linspace(-0.15, 0.15, len(steps)), steps, s=12)
-            m, lo, hi = median_ci([r["steps_to_threshold"] for r in runs if r["estimator"] == est])
-            axes[1].errorbar(i + 0.3, min(m, args.steps * 1.05),
-                             yerr=[[min(m, args.steps * 1.05) - min(lo, args.steps * 1.05)],
-                                   [min(hi, args.steps * 1.05) - min(m, args.steps * 1.05)]],
-                             fmt="o", color="k", capsize=3)
-        axes[1].axhline(args.steps, color="grey", lw=0.8, ls=":")
-        axes[1].set_xticks(range(len(names)), names, rotation=20)
-        axes[1].set_title("steps to threshold per seed (dots; top line = never), median + 95% CI",
-                          fontsize=10)
+            c = np.stack(cs)
+            ax.plot(steps, np.median(c, 0), label=est, lw=1.2)
+            ax.fill_between(steps, np.quantile(c, 0.25, 0), np.quantile(c, 0.75, 0), alpha=0.12)
+        ax.set(title=f"expected reward over all prompts ({args.task}, k={args.num_generations}); "
+                     "median, IQR", xlabel="step", ylabel="reward")
+        ax.legend(fontsize=7)
 
 
 # command line --------------------------------------------------------------------------------
@@ -410,15 +496,19 @@ def main(argv=None) -> int:
                    help="comma-separated cell names to run (default: all; see sim_cells)")
     t = sub.add_parser("trainer", help="the real trainer with the tiny model")
     t.add_argument("--quick", action="store_true", help="2 estimators, 1 seed, 4 steps (smoke test)")
-    t.add_argument("--seeds", type=int, default=8)
-    t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--estimators", default=",".join(TRAINER_ESTIMATORS))
+    t.add_argument("--seeds", default="0-19", help="a range a-b or a comma-separated list")
+    t.add_argument("--steps", type=int, default=150)
+    t.add_argument("--eval-every", type=int, default=15)
+    t.add_argument("--eval-samples", type=int, default=4, help="completions per prompt")
+    t.add_argument("--estimators", default="grpo,rloo,dr_grpo,bv_blend,bv_blend_none,bv_keyed,"
+                                            "bv_keyed_none,spo")
     t.add_argument("--task", default="add")
     t.add_argument("--threshold", type=float, default=0.4)
-    t.add_argument("--smooth", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--num-generations", type=int, default=8)
-    t.add_argument("--learning-rate", type=float, default=3e-3)
+    t.add_argument("--learning-rates", default="1e-3,3e-3",
+                   help="AdamW lrs tried per estimator on --tune-seeds (best mean eval AUC)")
+    t.add_argument("--tune-seeds", default="100-102")
     for q in (s, t):
         q.add_argument("--out-dir", type=Path, default=None,
                        help="default benchmarks/results/estimators (with --quick: "
@@ -450,12 +540,32 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown estimators {sorted(unknown)}; choose from {list(TRAINER_ESTIMATORS)}")
         if args.quick:
-            estimators, args.seeds, args.steps, args.batch_size = estimators[:1] + ["bv_blend"], 1, 4, 16
+            estimators, args.seeds, args.steps, args.batch_size = estimators[:1] + ["bv_keyed"], "0", 4, 16
+            args.eval_every, args.eval_samples = 2, 2
+        args.seeds_list, tune_seeds = seed_list(args.seeds), seed_list(args.tune_seeds)
+        lrs = [float(x) for x in args.learning_rates.split(",")]
         overrides = dict(task=args.task, batch_size=args.batch_size,
-                         num_generations=args.num_generations, learning_rate=args.learning_rate)
+                         num_generations=args.num_generations)
+        runs, curves, tuning = [], {}, []
         with tempfile.TemporaryDirectory() as work:
-            runs, curves = run_trainer(list(dict.fromkeys(estimators)), args.seeds, args.steps,
-                                       args.threshold, args.smooth, overrides, Path(work))
+            for est in dict.fromkeys(estimators):
+                best = lrs[0]
+                if len(lrs) > 1 and not args.quick:
+                    scores = {}
+                    for lr in lrs:
+                        tried, _ = run_trainer([est], tune_seeds, args.steps, args.eval_every,
+                                               args.eval_samples, args.threshold,
+                                               {**overrides, "learning_rate": lr}, Path(work))
+                        scores[lr] = float(np.mean([r["eval_auc"] for r in tried]))
+                        tuning.append(dict(estimator=est, lr=lr, eval_auc_mean=scores[lr]))
+                    best = max(scores, key=scores.get)
+                r, c = run_trainer([est], args.seeds_list, args.steps, args.eval_every,
+                                   args.eval_samples, args.threshold,
+                                   {**overrides, "learning_rate": best}, Path(work))
+                runs += r
+                curves.update(c)
+        if tuning:
+            harness.write_csv(args.out_dir / "trainer_tuning.csv", tuning)
         harness.write_csv(args.out_dir / "trainer_runs.csv", runs)
         (args.out_dir / "trainer.md").write_text(
             trainer_markdown(runs, args, command)

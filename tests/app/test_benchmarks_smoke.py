@@ -201,8 +201,8 @@ def test_bench_estimators_sim_quick(tmp_path):
 def test_bench_estimators_trainer_quick(tmp_path):
     assert bench_estimators.main(["trainer", "--quick", "--out-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "trainer_runs.csv").open()))
-    assert [r["estimator"] for r in rows] == ["grpo", "bv_blend"]
-    assert all(0 <= float(r["final_reward"]) <= 1 for r in rows)
+    assert [r["estimator"] for r in rows] == ["grpo", "bv_keyed"]
+    assert all(0 <= float(r["eval_final"]) <= 1 for r in rows)
     assert (tmp_path / "trainer.png").stat().st_size > 0
 
 
