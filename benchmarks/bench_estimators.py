@@ -228,6 +228,12 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
                      if m in present else "" for m in SUMMARY]
         lines.append(f"| {c} | {cells[c].revisit_gap:g} | {visits[c]['median']:g} "
                      f"| {diff_cell(runs, c, *NOISE_FLOOR)} | " + " | ".join(cells_txt) + " |")
+    lines += ["", "## Contrasts: paired dAUC x100 within each cell, first minus second, mean "
+              "[95% CI] wins/losses", "",
+              "| cell | " + " | ".join(f"{a} - {b}" for a, b in CONTRASTS) + " |",
+              "|---|" + "---|" * len(CONTRASTS)]
+    for c in names:
+        lines.append(f"| {c} | " + " | ".join(diff_cell(runs, c, a, b) for a, b in CONTRASTS) + " |")
     for c in names:
         lines += ["", f"## {c}", "",
                   f"{cells[c].prompts} prompts, {cells[c].batch_prompts} x {cells[c].group_size} "
@@ -259,6 +265,9 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONTRASTS = (("bv/none", "bv/blend"), ("bvk/none", "bvk/blend"), ("bvk/none", "bv/none"),
+             ("bvk/blend", "bv/blend"), ("bvk/none", "spo/batch"), ("bvk/none", "rloo/none"),
+             ("oracle/none", "bvk/none"))
 SUMMARY = ("grpo/none", "rloo/none", "bv/blend", "bv/none", "bvk/blend", "bvk/none", "spo/batch",
            "spo/none", "oracle/none", "global/none")
 
@@ -275,17 +284,21 @@ def sim_plot(path: Path, runs, curves, cells) -> None:
                                             - by_seed(runs, reference_cell(c), REFERENCE, "auc"))
     with harness.figure(path, 1, 2, figsize=(17, 0.42 * len(names) + 3.5),
                         gridspec_kw=dict(width_ratios=[2.2, 1])) as (_, axes):
-        lim = np.nanquantile(np.abs(table), 0.9) or 1.0
-        im = axes[0].imshow(table, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        # Clipped at +-3: the interesting differences are a few points; the failures (group
+        # scale with a history, GRPO at k = 1) are tens and are printed in their cells.
+        im = axes[0].imshow(np.clip(table, -3, 3), cmap="RdBu", vmin=-3, vmax=3, aspect="auto")
+        for (i, j), v in np.ndenumerate(table):
+            if np.isfinite(v):
+                axes[0].text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=5)
         axes[0].set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=7)
         axes[0].set_yticks(range(len(names)), names, fontsize=7)
         axes[0].set_title("AUC x100 minus grpo/group's, mean paired difference (blue = better)",
                           fontsize=9)
         plt_colorbar = axes[0].figure.colorbar(im, ax=axes[0], fraction=0.03)
         plt_colorbar.ax.tick_params(labelsize=7)
-        main = names[0] if len(names) < 4 else "k=8 mixed"
-        for m in ("grpo/group", "rloo/none", "bv/blend", "bvk/blend", "spo/batch", "oracle/none",
-                  "exact_grad"):
+        main = names[0] if len(names) < 4 else "k=2 mixed"
+        for m in ("grpo/group", "rloo/none", "bv/blend", "bv/none", "bvk/blend", "bvk/none",
+                  "spo/batch", "oracle/none"):
             if (main, m) in curves:
                 c = curves[(main, m)]
                 _band(axes[1], c[:, 1:], m)
