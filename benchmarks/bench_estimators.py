@@ -228,6 +228,18 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
                      if m in present else "" for m in SUMMARY]
         lines.append(f"| {c} | {cells[c].revisit_gap:g} | {visits[c]['median']:g} "
                      f"| {diff_cell(runs, c, *NOISE_FLOOR)} | " + " | ".join(cells_txt) + " |")
+    sweep = [c for c in names if c.count(" ") == 1 and c.startswith("k=")]
+    if any(f"k=8 {c.split()[1]}" in cells for c in sweep):
+        lines += ["", "## Equal samples per step: dAUC x100 vs grpo/group at k=8 on the same tasks "
+                  f"({base.samples_per_step} samples per step; prompts x k)", "",
+                  "| cell | " + " | ".join(SUMMARY) + " |", "|---|" + "---|" * len(SUMMARY)]
+        for c in sweep:
+            ref = f"k=8 {c.split()[1]}"
+            if ref in cells:
+                present = {r["method"] for r in runs if r["cell"] == c}
+                lines.append(f"| {c} | " + " | ".join(
+                    diff_cell(runs, c, m, REFERENCE, ref_cell=ref) if m in present else ""
+                    for m in SUMMARY) + " |")
     lines += ["", "## Contrasts: paired dAUC x100 within each cell, first minus second, mean "
               "[95% CI] wins/losses", "",
               "| cell | " + " | ".join(f"{a} - {b}" for a, b in CONTRASTS) + " |",
