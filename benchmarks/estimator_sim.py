@@ -86,7 +86,7 @@ class Cell:
     noise: str = "clean"  # training rewards: clean, "flip" (labels flipped), "gauss" (+ N(0, s^2))
     noise_level: float = 0.0  # flip probability, or the Gaussian s
     snapshots: tuple = (0.25, 0.5)  # fractions of the run at which gradient noise is measured
-    snapshot_draws: int = 64
+    snapshot_draws: int = 256
     min_history: int = 2
     key_min_history: int = 2
 
@@ -130,6 +130,9 @@ class Draws:
     """The random numbers of one cell and seed set, shared by every method."""
 
     def __init__(self, cell: Cell, seeds: list[int], stream: int):
+        # A step's prompts must be distinct: the per-prompt histories take one group per prompt.
+        if cell.prompts % cell.batch_prompts:
+            raise ValueError(f"{cell.batch_prompts} prompts per step must divide {cell.prompts}")
         self.cell = cell
         self.gens = [torch.Generator().manual_seed(1_000_003 * stream + seed) for seed in seeds]
         self.order = [torch.empty(0, dtype=torch.int64) for _ in seeds]
@@ -142,7 +145,7 @@ class Draws:
             if cell.sampling == "independent":
                 out.append(torch.randperm(cell.prompts, generator=g)[:b])
                 continue
-            if self.order[i].numel() < b:  # a new epoch (B divides P in every cell we run)
+            if self.order[i].numel() < b:  # a new epoch
                 self.order[i] = torch.cat([self.order[i], torch.randperm(cell.prompts, generator=g)])
             out.append(self.order[i][:b])
             self.order[i] = self.order[i][b:]
@@ -226,6 +229,7 @@ class State:
         a, b = self.spo_a.gather(2, idx), self.spo_b.gather(2, idx)
         spo = torch.where(self.spo_n.gather(2, idx) > 0, a / (a + b).clamp(min=1e-300), mu)
         zero = torch.zeros_like(mu)
+        # rloo's baseline is per sample (`loo`, below); exact's advantages are never used.
         bv_base, bv_beta, bv_u = blend(h, u)
         bvk_base, bvk_beta, bvk_u = blend(bvk_h, bvk_u)
         total = rewards.sum(-1, keepdim=True)
@@ -299,7 +303,7 @@ def exact_gradient(tasks: Tasks, pi, v) -> torch.Tensor:
 
 def sample_step(tasks: Tasks, cell: Cell, state: State, draws: Draws, v_all: torch.Tensor,
                 update: bool):
-    """One minibatch: (gradient estimate (M, S, d), tied groups (M, S, B))."""
+    """One minibatch: (gradient estimate (M, S, d), tied groups (M, S, B), prompts (S, B))."""
     prompts = draws.prompts()  # (S, B)
     s_idx = torch.arange(prompts.shape[0])[:, None]
     phi_b = tasks.phi[s_idx, prompts]  # (S, B, C, d)
