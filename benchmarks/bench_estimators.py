@@ -466,7 +466,7 @@ def trainer_markdown(runs, args, command: str) -> str:
              f"groups of {args.num_generations}, AdamW lr per estimator (column `lr`) chosen from "
              f"{args.learning_rates} by mean eval AUC on seeds {args.tune_seeds}, CPU, seeds "
              f"{args.seeds_list[0]}..{args.seeds_list[-1]} for every estimator (seed = model init "
-             "+ data + sampling). Evaluation: the mean reward of {args.eval_samples} sampled "
+             f"+ data + sampling). Evaluation: the mean reward of {args.eval_samples} sampled "
              f"completions (temperature 1, the same random numbers for every run) of each of the "
              f"task's {len(task_prompts(args.task))} prompts, every {args.eval_every} steps "
              "(never the batch reward).", "",
