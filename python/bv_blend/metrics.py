@@ -49,7 +49,7 @@ def step_row(step: int, rewards: torch.Tensor, rewards_per_func: torch.Tensor,
         "reward_mean": _nanmean(rewards),
         "reward_std": _nanstd(rewards),
         "reward_group_std_mean": _nanmean(group_std),
-        "frac_reward_zero_std": float(((group_std == 0) | group_std.isnan()).float().mean()),
+        "frac_reward_zero_std": _frac_tied(rewards, group_std.numel()),
         "frac_reward_unscored": float(rewards.isnan().float().mean()),
         "history_weight_mean": _nanmean(advantages.history_weight),
         "history_mean": advantages.history_mean,
@@ -63,6 +63,17 @@ def step_row(step: int, rewards: torch.Tensor, rewards_per_func: torch.Tensor,
         "completion_length": float(completion_lengths.mean()),
         **times,
     }
+
+
+def _frac_tied(rewards: torch.Tensor, num_groups: int) -> float:
+    """Fraction of groups whose valid rewards are all exactly equal (or that have fewer than
+    two). Compared on the rewards, not on a computed std: a float std of tied rewards can come
+    out ~1e-8 rather than 0 (RLOO's does)."""
+    r = rewards.view(num_groups, -1)
+    valid = torch.isfinite(r)
+    high = torch.where(valid, r, -torch.inf).amax(1)
+    low = torch.where(valid, r, torch.inf).amin(1)
+    return float((high <= low).float().mean())
 
 
 def _nanmean(values: torch.Tensor) -> float:

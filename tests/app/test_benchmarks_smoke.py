@@ -4,9 +4,11 @@ vectorised pure-PyTorch baseline against the reference, and the simulation's exa
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import bv_blend_ext
 from benchmarks import bench_estimators, bench_op, estimator_sim, pytorch_baseline
 from bv_blend_ext import reference
 
@@ -114,28 +116,72 @@ def test_bench_op_targets_judge_the_declared_rows():
 
 
 def test_sim_exact_gradient_matches_finite_differences():
-    cfg = estimator_sim.SimConfig(prompts=16, answers=5, features=4)
-    task = estimator_sim.Task(cfg, seed=0)
-    w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cell = estimator_sim.Cell(prompts=16, answers=5, features=4)
+    tasks = estimator_sim.Tasks(cell, [0])
+    tasks.phi, tasks.q = tasks.phi.double(), tasks.q.double()
+    w = torch.randn(1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def success(x):
+        return float(estimator_sim.policy_values(tasks, x)[1].mean())
     h = 1e-6
-    numeric = torch.tensor([(task.success(w + h * e) - task.success(w - h * e)) / (2 * h)
+    numeric = torch.tensor([(success(w + h * e) - success(w - h * e)) / (2 * h)
                             for e in torch.eye(4, dtype=torch.float64)], dtype=torch.float64)
-    torch.testing.assert_close(task.exact_gradient(w), numeric, rtol=1e-5, atol=1e-9)
-    target = 0.5 * (task.success(torch.zeros(4, dtype=torch.float64)) + task.j_max)
-    assert task.success(task.weights_at(target)) == pytest.approx(target, abs=1e-9)
+    pi, v = estimator_sim.policy_values(tasks, w)
+    torch.testing.assert_close(estimator_sim.exact_gradient(tasks, pi, v)[0, 0], numeric,
+                               rtol=1e-5, atol=1e-9)
 
 
-def test_sim_rloo_is_rescaled_dr_grpo():
-    """Same draws: RLOO's advantages are k/(k-1) times Dr.GRPO's, so their relative variance and
-    cosines agree while the raw trace differs by (k/(k-1))^2 (up to float32 rounding)."""
-    cfg = estimator_sim.SimConfig(prompts=32, features=8, group_size=4, warmup_steps=0,
-                                  variance_samples=50)
-    task = estimator_sim.Task(cfg, seed=1)
-    w = torch.zeros(8, dtype=torch.float64)
-    rloo, dr = (estimator_sim.gradient_stats(task, cfg, w, name, seed=5) for name in ("rloo", "dr_grpo"))
-    assert rloo["rel_var"] == pytest.approx(dr["rel_var"], rel=1e-6)
-    assert rloo["cos_sample"] == pytest.approx(dr["cos_sample"], rel=1e-6)
-    assert rloo["trace_cov"] == pytest.approx(dr["trace_cov"] * (4 / 3) ** 2, rel=1e-6)
+@pytest.mark.parametrize("window", [10, 2])  # 2: fewer than the 3 groups of a call
+@pytest.mark.parametrize("scale", reference.SCALE_MODES)
+def test_sim_histories_match_the_op_and_the_keyed_spec(window, scale):
+    """The simulation's vectorised BV-Blend histories give the advantages of bv_blend_ext.BVBlend
+    (global) and of reference.KeyedHistoryReference (per prompt) on the same rewards."""
+    cell = estimator_sim.Cell(prompts=8, group_size=4, samples_per_step=12)
+    methods = [estimator_sim.Method("bv", scale, setting=window),
+               estimator_sim.Method("bvk", scale, setting=0.25)]
+    state = estimator_sim.State(methods, cell, num_seeds=1)
+    glob = bv_blend_ext.BVBlend(window=window, scale=scale)
+    keyed = reference.KeyedHistoryReference(num_keys=8, key_ema_decay=0.25)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        prompts = torch.randperm(8, generator=g)[:3]
+        r = torch.randint(0, 3, (3, 4), generator=g).double() / 2
+        adv, _ = state.advantages(r.expand(2, 1, 3, 4).clone(), prompts[None],
+                                  torch.zeros(2, 1, 3, dtype=torch.float64),
+                                  torch.zeros(2, 1, dtype=torch.float64), update=True)
+        flat = r.reshape(-1)
+        torch.testing.assert_close(adv[0, 0].reshape(-1), glob.step(flat, group_size=4).advantages,
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(adv[1, 0].reshape(-1),
+                                   keyed.step(flat, 4, keys=prompts, scale=scale).advantages,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_sim_spo_tracker_and_rloo():
+    """SPO: the first visit uses the group mean, later ones the discounted success rate of the
+    earlier visits. RLOO = k/(k-1) x Dr.GRPO."""
+    cell = estimator_sim.Cell(prompts=4, group_size=2, samples_per_step=4)
+    methods = [estimator_sim.Method("spo", "none", setting=0.5),
+               estimator_sim.Method("rloo", "none"), estimator_sim.Method("grpo", "none")]
+    state = estimator_sim.State(methods, cell, num_seeds=1)
+    zeros = (torch.zeros(3, 1, 2, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64))
+    prompts = torch.tensor([[0, 1]])
+    first = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64).expand(3, 1, 2, 2).clone()
+    adv, tied = state.advantages(first, prompts, *zeros, update=True)
+    torch.testing.assert_close(adv[0, 0], torch.tensor([[0.5, -0.5], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(adv[1], 2 * adv[2])
+    assert tied[2, 0].tolist() == [False, True]
+    second = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64).expand(3, 1, 2, 2).clone()
+    adv, _ = state.advantages(second, prompts, *zeros, update=True)
+    # prompt 0: a = 1, b = 1 -> 0.5; prompt 1: a = 2, b = 0 -> 1
+    torch.testing.assert_close(adv[0, 0], torch.tensor([[0.5, 0.5], [-1.0, -1.0]], dtype=torch.float64))
+    assert state.spo_a[0, 0, 0].item() == pytest.approx(0.5 * 1 + 2)
+
+
+def test_paired_statistics():
+    d = bench_estimators.paired(np.array([1.0, 2.0, 3.0, -1.0, 0.0]))
+    assert d["mean"] == pytest.approx(1.0) and d["lo"] <= 1.0 <= d["hi"]
+    assert (d["wins"], d["losses"]) == (3, 1) and d["p"] == pytest.approx(0.625)
 
 
 def test_median_ci_with_runs_that_never_reach():
@@ -146,14 +192,57 @@ def test_median_ci_with_runs_that_never_reach():
 def test_bench_estimators_sim_quick(tmp_path):
     assert bench_estimators.main(["sim", "--quick", "--out-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "sim_runs.csv").open()))
-    assert {r["estimator"] for r in rows} == set(estimator_sim.ESTIMATORS)
+    assert {r["method"] for r in rows} >= {"grpo/group", "rloo/none", "bv/blend", "bvk/blend",
+                                            "spo/batch", "oracle/none", "global/none", "exact_grad"}
+    assert {r["cell"] for r in rows} == {"k=8 mixed", "k=1 mixed"}
+    assert all(0 <= float(r["j_final"]) <= 1 for r in rows)
+    assert (tmp_path / "sim_tuning.csv").stat().st_size > 0
     assert (tmp_path / "sim.png").stat().st_size > 0
-    assert "| bv_blend |" in (tmp_path / "sim.md").read_text()
+    assert "| bvk/blend |" in (tmp_path / "sim.md").read_text()
 
 
 def test_bench_estimators_trainer_quick(tmp_path):
     assert bench_estimators.main(["trainer", "--quick", "--out-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "trainer_runs.csv").open()))
-    assert [r["estimator"] for r in rows] == ["grpo", "bv_blend"]
-    assert all(0 <= float(r["final_reward"]) <= 1 for r in rows)
+    assert [r["estimator"] for r in rows] == ["grpo", "bv_keyed"]
+    assert all(0 <= float(r["eval_final"]) <= 1 for r in rows)
     assert (tmp_path / "trainer.png").stat().st_size > 0
+
+
+def test_frac_reward_zero_std_counts_exact_ties():
+    """Tied groups are found on the rewards: RLOO's float std of tied rewards is not exactly 0.
+    Groups: tied, tied once NaN is left out, spread, one valid reward, none valid."""
+    from bv_blend.advantages import AdvantageEstimator
+    from bv_blend.metrics import step_row
+    nan = float("nan")
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.7, nan, 0.7, 0.7, 0.0, 1.0, 0.0, 0.0,
+                            nan, 0.3, nan, nan, nan, nan, nan, nan])
+    for name in ("rloo", "grpo", "bv_blend"):
+        adv = AdvantageEstimator(name)(rewards, 4)
+        row = step_row(1, rewards, rewards[:, None], ["r"], adv, {}, learning_rate=0.0,
+                       completion_lengths=torch.ones(20), times={})
+        assert row["frac_reward_zero_std"] == pytest.approx(4 / 5)
+
+
+def test_trainer_spo_estimator_matches_the_simulation():
+    """advantages.AdvantageEstimator("spo") is the simulation's spo/batch, and its state survives
+    a state_dict round trip."""
+    from bv_blend.advantages import AdvantageEstimator
+    cell = estimator_sim.Cell(prompts=6, group_size=4, samples_per_step=12)
+    state = estimator_sim.State([estimator_sim.Method("spo", "batch", setting=0.8)], cell, 1)
+    est = AdvantageEstimator("spo", num_keys=6, spo_discount=0.8)
+    g = torch.Generator().manual_seed(4)
+    for step in range(10):
+        prompts = torch.randperm(6, generator=g)[:3]
+        r = torch.randint(0, 2, (3, 4), generator=g).double()
+        want, _ = state.advantages(r[None, None].clone(), prompts[None],
+                                   torch.zeros(1, 1, 3, dtype=torch.float64),
+                                   torch.zeros(1, 1, dtype=torch.float64), update=True)
+        got = est(r.reshape(-1), 4, keys=prompts).advantages
+        torch.testing.assert_close(got, want.reshape(-1))
+        if step == 5:
+            again = AdvantageEstimator("spo", num_keys=6, spo_discount=0.8)
+            again.load_state_dict(est.state_dict())
+            est = again
+    with pytest.raises(ValueError, match="keys"):
+        est(torch.zeros(4), 4)
