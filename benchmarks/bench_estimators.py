@@ -341,15 +341,17 @@ class PromptKeys:
     def __init__(self, trainer, estimator, num_keys: int):
         self.ids, self.num_keys, self.current = {}, num_keys, []
         self.estimator = estimator
-        next_examples = trainer._next_examples
+        next_positions = trainer._next_positions
 
         def remember():
-            examples = next_examples()
-            self.current = [self.ids.setdefault(e["prompt"], len(self.ids)) for e in examples]
-            return examples
-        trainer._next_examples = remember
+            positions = next_positions()
+            self.current = [self.ids.setdefault(trainer.data[p]["prompt"], len(self.ids))
+                            for p in positions]
+            return positions
+        trainer._next_positions = remember
 
-    def __call__(self, rewards, group_size):
+    def __call__(self, rewards, group_size, keys=None):
+        # The trainer passes keys only under --bv-key; these runs use the benchmark's own ids.
         keys = torch.tensor(self.current, dtype=torch.int64)
         if isinstance(self.estimator, bv_reference.KeyedHistoryReference):
             step = self.estimator.step(rewards, group_size, keys=keys, scale=self.scale)
