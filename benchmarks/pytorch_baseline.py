@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from bv_blend_ext import reference
-from bv_blend_ext.reference import SCALE_MODES, BlendOutput, accumulation_dtype, blend_terms
+from bv_blend_ext.reference import (DEFAULT_SCALE, SCALE_MODES, BlendOutput, accumulation_dtype,
+                                    blend_terms)
 
 
 def _segments(valid_r: torch.Tensor, num_groups: int, group_size: int | None,
@@ -37,7 +38,7 @@ def _segments(valid_r: torch.Tensor, num_groups: int, group_size: int | None,
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      offsets: torch.Tensor | None = None, hist_mean=0.0, hist_var=0.0,
-                     eps: float = 1e-4, scale: str = "blend") -> BlendOutput:
+                     eps: float = 1e-4, scale: str = DEFAULT_SCALE) -> BlendOutput:
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc)
     valid = torch.isfinite(r)
@@ -116,7 +117,7 @@ class History:
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, eps: float = 1e-4,
-             scale: str = "blend") -> BlendOutput:
+             scale: str = DEFAULT_SCALE) -> BlendOutput:
         out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=self.ema,
                                hist_var=self.var, eps=eps, scale=scale)
         self.ring, self.count, self.ema, self.var = push_history(
@@ -181,7 +182,7 @@ class KeyedHistory(History):
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, keys: torch.Tensor, eps: float = 1e-4,
-             scale: str = "blend") -> BlendOutput:
+             scale: str = DEFAULT_SCALE) -> BlendOutput:
         hist_mean, hist_var = keyed_group_history(keys, self.key_count, self.key_mean,
                                                   self.key_var, self.ema, self.var,
                                                   self.key_min_history)

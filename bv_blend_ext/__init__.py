@@ -10,7 +10,7 @@ from . import _registrations  # noqa: F401
 from . import reference
 from .functional import blend_advantages
 from .module import BlendStep, BVBlend, check_settings
-from .reference import SCALE_MODES, BlendOutput
+from .reference import DEFAULT_SCALE, SCALE_MODES, BlendOutput
 
 __all__ = ["BVBlend", "BlendOutput", "BlendStep", "SCALE_MODES", "blend_advantages",
            "check_settings", "reference"]

@@ -14,7 +14,7 @@ from numbers import Real
 
 import torch
 
-from .reference import BlendOutput
+from .reference import DEFAULT_SCALE, BlendOutput
 
 
 def check_eps(eps, name: str = "eps") -> None:
@@ -133,7 +133,7 @@ def on_host(tensor: torch.Tensor) -> bool:
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      offsets: torch.Tensor | None = None, hist_mean=0.0, hist_var=0.0,
-                     eps: float = 1e-4, scale: str = "blend", validate: bool = True) -> BlendOutput:
+                     eps: float = 1e-4, scale: str = DEFAULT_SCALE, validate: bool = True) -> BlendOutput:
     """BV-Blend advantages of one call with explicit history statistics H and σ_u².
 
     Groups are given by ``group_size`` (N divisible by it) or by ``offsets`` (G+1 int64 bounds).

@@ -10,7 +10,8 @@ from typing import NamedTuple
 import torch
 
 from .functional import check_call, check_eps, check_values
-from .reference import DEFAULT_KEY_EMA_DECAY, SCALE_MODES, BlendOutput, default_ema_decay
+from .reference import (DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE, SCALE_MODES, BlendOutput,
+                        default_ema_decay)
 
 KEY_TABLES = ("key_count", "key_mean", "key_var")
 
@@ -43,7 +44,7 @@ class BVBlend(torch.nn.Module):
 
     def __init__(self, window: int = 100, ema_decay: float | None = None,
                  initial_baseline: float = 0.0, min_history: int = 2, eps: float = 1e-4,
-                 scale: str = "blend", num_keys: int | None = None,
+                 scale: str = DEFAULT_SCALE, num_keys: int | None = None,
                  key_ema_decay: float = DEFAULT_KEY_EMA_DECAY, key_min_history: int = 2):
         super().__init__()
         check_settings(window=window, ema_decay=ema_decay, initial_baseline=initial_baseline,

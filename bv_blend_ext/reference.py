@@ -13,6 +13,9 @@ from typing import NamedTuple
 import torch
 
 SCALE_MODES = ("group", "blend", "batch", "none")
+# The scale when none is given: the paired evaluation (docs/benchmarks.md, Results) found no
+# scale better than none (s = 1) with a history baseline, and "blend" worse in every mixed cell.
+DEFAULT_SCALE = "none"
 
 
 # A valid reward is a finite one: NaN and ±inf are "unscorable" (advantage 0, out of every
@@ -94,7 +97,7 @@ def blend_terms(mu: torch.Tensor, var: torch.Tensor, hist_mean: torch.Tensor,
 
 def blend_advantages(rewards: torch.Tensor, group_size: int | None = None, *,
                      offsets: torch.Tensor | None = None, hist_mean=0.0, hist_var=0.0,
-                     eps: float = 1e-4, scale: str = "blend") -> BlendOutput:
+                     eps: float = 1e-4, scale: str = DEFAULT_SCALE) -> BlendOutput:
     """Advantages of one call, with the history statistics H (hist_mean) and σ_u² (hist_var) given:
     scalars shared by every group, or (G,) tensors, group g then using H[g] and σ_u²[g]."""
     if scale not in SCALE_MODES:
@@ -161,7 +164,7 @@ class HistoryReference:
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, eps: float = 1e-4,
-             scale: str = "blend") -> BlendOutput:
+             scale: str = DEFAULT_SCALE) -> BlendOutput:
         out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=self.ema,
                                hist_var=self.variance, eps=eps, scale=scale)
         self.push(out.group_mean)
@@ -214,7 +217,7 @@ class KeyedHistoryReference(HistoryReference):
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, keys: torch.Tensor, eps: float = 1e-4,
-             scale: str = "blend") -> BlendOutput:
+             scale: str = DEFAULT_SCALE) -> BlendOutput:
         hist_mean, hist_var = self.group_history(keys)
         out = blend_advantages(rewards, group_size, offsets=offsets, hist_mean=hist_mean,
                                hist_var=hist_var, eps=eps, scale=scale)

@@ -117,7 +117,8 @@ class AdvantageEstimator:
 
     def __init__(self, name: str, *, eps: float = 1e-4, window: int = 100,
                  ema_decay: float | None = None, min_history: int = 2,
-                 initial_baseline: float = 0.0, bv_scale: str = "blend",
+                 initial_baseline: float = 0.0,
+                 bv_scale: str = bv_blend_ext.reference.DEFAULT_SCALE,
                  num_keys: int | None = None,
                  key_ema_decay: float = bv_blend_ext.reference.DEFAULT_KEY_EMA_DECAY,
                  key_min_history: int = 2, spo_discount: float = 0.8):

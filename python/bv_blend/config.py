@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 import bv_blend_ext
-from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY
+from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE, SCALE_MODES
 from bv_blend.advantages import ESTIMATORS
 from bv_blend.keys import parse_key
 from bv_blend.rewards import get_reward_func
@@ -26,7 +26,6 @@ from bv_blend.tasks import get_task
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard")
-BV_SCALES = ("blend", "group")
 # The estimator's setting names as this config spells them.
 BV_SETTING_NAMES = {"window": "bv_window", "ema_decay": "bv_ema_decay",
                     "initial_baseline": "bv_initial_baseline", "min_history": "bv_min_history",
@@ -70,7 +69,8 @@ class GRPOConfig:
                                     "(default 2/(window+1))")
     bv_min_history: int = _f(2, "BV-Blend: group means needed before the history is used")
     bv_initial_baseline: float = _f(0.0, "BV-Blend: starting value of the history mean")
-    bv_scale: str = _f("blend", "BV-Blend advantage scale: blend or group")
+    bv_scale: str = _f(DEFAULT_SCALE, "BV-Blend advantage scale: none (s = 1), blend (the std of "
+                       "the blended baseline), group (the article's σ_G + eps) or batch")
     bv_key: str = _f("none", "BV-Blend history per key: none (one global history), prompt (one "
                      "per distinct prompt) or column:NAME (one per value of a dataset column)")
     bv_key_ema_decay: float = _f(DEFAULT_KEY_EMA_DECAY, "BV-Blend keyed: EMA decay of each "
@@ -151,7 +151,7 @@ class GRPOConfig:
         choice("loss_type", LOSS_TYPES)
         choice("lr_scheduler_type", SCHEDULERS)
         choice("report_to", REPORT_TO)
-        choice("bv_scale", BV_SCALES)
+        choice("bv_scale", SCALE_MODES)
         choice("tiny_arch", ("llama", "qwen2"))
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (a group needs two completions to "

@@ -46,7 +46,7 @@ check_trl_version(trl.__version__)
 
 import bv_blend_ext  # noqa: E402  (after the version check: a bad TRL should fail first)
 from bv_blend.keys import KeyMap  # noqa: E402
-from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY  # noqa: E402
+from bv_blend_ext.reference import DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -79,9 +79,9 @@ class BVBlendGRPOConfig(GRPOConfig):
         metadata={"help": "Group means needed in the window before the history is used (before "
                           "that, the history weight is 0)."})
     bv_scale: str = field(
-        default="blend",
-        metadata={"help": "Advantage scale: 'blend' (blended std), 'group', 'batch' or 'none'. "
-                          "Replaces TRL's scale_rewards for the advantages."})
+        default=DEFAULT_SCALE,
+        metadata={"help": "Advantage scale: 'none' (s = 1), 'blend' (blended std), 'group' or "
+                          "'batch'. Replaces TRL's scale_rewards for the advantages."})
     bv_eps: float = field(
         default=1e-4, metadata={"help": "Added to the scale, as TRL adds 1e-4 to the std."})
     bv_use_history: bool = field(

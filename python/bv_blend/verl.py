@@ -34,10 +34,6 @@ SUPPORTED_VERL = ">=0.9.1,<0.10"
 ESTIMATOR_NAME = "bv_blend"
 # Written next to verl's own files in every global_step_N checkpoint folder.
 STATE_FILE = "bv_blend_state.pt"
-# The estimator settings under algorithm.bv_blend. eps is verl's GRPO epsilon, so that with no
-# history yet (and scale "group") the advantages are verl's `grpo` ones.
-DEFAULT_SETTINGS = {"window": 100, "ema_decay": None, "initial_baseline": 0.0, "min_history": 2,
-                    "eps": 1e-6, "scale": "blend"}
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +62,11 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback  # noqa: E402
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path  # noqa: E402
+
+# The estimator settings under algorithm.bv_blend: BVBlend's defaults, except eps, verl's GRPO
+# epsilon, so that with no history yet and scale "group" the advantages are verl's `grpo` ones.
+DEFAULT_SETTINGS = {"window": 100, "ema_decay": None, "initial_baseline": 0.0, "min_history": 2,
+                    "eps": 1e-6, "scale": bv_blend_ext.DEFAULT_SCALE}
 
 
 def read_settings(algorithm) -> dict:

@@ -123,6 +123,8 @@ def test_sigint_saves_a_checkpoint_and_resume_appends(tmp_path):
     (["--bv-key-min-history", "-1"], r"\bbv_key_min_history\b.*must be"),
     (["--bv-key-min-history", "2.5"], "bv_key_min_history must be int, got '2.5'"),
     (["--num-prompts", "0"], "num_prompts must be > 0, got 0"),
+    (["--bv-scale", "std"],
+     r"bv_scale must be one of \('group', 'blend', 'batch', 'none'\), got 'std'"),
     (["--task", "jsonl", "--dataset-path", "x.jsonl", "--num-prompts", "4"],
      "num_prompts applies to the procedural tasks"),
 ])
@@ -257,3 +259,4 @@ def test_tasks_command(capsys):
 def test_default_config_is_valid():
     config = GRPOConfig.from_yaml(os.path.join(REPO, "configs", "train_default.yaml"))
     assert config.task == "add" and config.estimator == "bv_blend" and config.model == "tiny"
+    assert config.bv_scale == GRPOConfig().bv_scale == "none" and config.bv_key == "none"

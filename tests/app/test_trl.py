@@ -24,7 +24,7 @@ from bv_blend.trl import (  # noqa: E402
     STATE_FILE, SUPPORTED_TRL, BVBlendGRPOConfig, BVBlendGRPOTrainer, check_trl_version)
 from bv_blend.keys import key_name  # noqa: E402
 from bv_blend_ext.reference import (  # noqa: E402
-    HistoryReference, KeyedHistoryReference, blend_advantages)
+    DEFAULT_SCALE, HistoryReference, KeyedHistoryReference, blend_advantages)
 
 REWARD_WEIGHTS = [1.0, 0.5]
 PROMPTS = ["hello", "abc", "the cat", "xyz", "1 + 1 =", "Once upon", "def f(", "Q:"]
@@ -151,6 +151,11 @@ def test_import_fails_with_unsupported_trl(monkeypatch):
     monkeypatch.delitem(sys.modules, "bv_blend.trl")
     with pytest.raises(ImportError, match=r"supports trl>=1\.16,<1\.17 but trl 1\.17\.0"):
         import bv_blend.trl  # noqa: F401
+
+
+def test_config_defaults_follow_the_op(tmp_path):
+    args = make_args(tmp_path)
+    assert args.bv_scale == DEFAULT_SCALE == "none" and args.bv_key == "none"
 
 
 def test_config_rejects_settings_the_integration_cannot_honour(tmp_path):

@@ -424,7 +424,10 @@ def test_settings_and_inputs_the_estimator_cannot_honour():
     rewards, mask, uids = make_batch([[0.0, 1.0]], seed=0)
     index = as_index(uids)
     with pytest.raises(ValueError, match=r"norm_adv_by_std_in_grpo=False.*scale=none"):
-        compute_bv_blend_advantage(rewards, mask, index, algorithm(False))
+        compute_bv_blend_advantage(rewards, mask, index, algorithm(False, scale="blend"))
+    assert bv_verl._driver.estimator is None
+    compute_bv_blend_advantage(rewards, mask, index, algorithm(False))  # the default: scale none
+    bv_verl._driver = bv_verl._Driver()
     with pytest.raises(ValueError, match="needs the batch's uid array"):
         compute_bv_blend_advantage(rewards, mask, config=algorithm())
     with pytest.raises(ValueError, match=r"index \(the uids\) has 1 entries for 2 rows"):

@@ -83,6 +83,22 @@ def test_initial_state():
     assert set(est.state_dict()) == {"ring", "count", "ema", "var"}
 
 
+def test_every_op_entry_point_defaults_to_scale_none():
+    # The evaluation's verdict (README, "Why scale none is the default"): r - B, unscaled, from
+    # the functional op, the module and the reference alike.
+    assert bv_blend_ext.DEFAULT_SCALE == "none"
+    assert bv_blend_ext.BVBlend().scale == "none"
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    history = dict(hist_mean=0.4, hist_var=0.05)
+    got = bv_blend_ext.blend_advantages(rewards, 3, **history).advantages
+    spec = reference.blend_advantages(rewards, 3, **history)
+    assert torch.equal(bits(got), bits(bv_blend_ext.blend_advantages(rewards, 3, **history,
+                                                                       scale="none").advantages))
+    baseline = (1 - spec.beta) * spec.group_mean + spec.beta * 0.4
+    torch.testing.assert_close(spec.advantages, rewards - baseline.repeat_interleave(3))
+    torch.testing.assert_close(got, spec.advantages)
+
+
 def test_groups_of_one_call_share_the_pre_call_history():
     # After the first call the ring is [0, 2]: H = 2 (ema_decay 1 keeps the last mean) and
     # σ_u² = 2. Both groups of the next call must blend with that, not with the history the
