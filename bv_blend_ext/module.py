@@ -208,12 +208,13 @@ class BVBlend(torch.nn.Module):
 
 def check_settings(*, window, ema_decay, initial_baseline, min_history, eps, scale,
                    num_keys=None, key_ema_decay=DEFAULT_KEY_EMA_DECAY, key_min_history=2,
-                   names: dict[str, str] | None = None) -> None:
+                   prefix: str = "", names: dict[str, str] | None = None) -> None:
     """Raise ValueError for a BVBlend setting that is out of range. The estimator checks its own
     settings with this; a configuration that builds one later (a trainer's) calls it up front,
-    with `names` mapping each setting to the name its user writes (e.g. window -> bv_window)."""
+    so that errors use the names its user writes: `prefix` + the setting (prefix "bv_": window ->
+    bv_window), except where `names` spells a setting otherwise (eps -> advantage_eps)."""
     def name(setting: str) -> str:
-        return (names or {}).get(setting, setting)
+        return (names or {}).get(setting, prefix + setting)
 
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ValueError(f"{name('window')} must be an int >= 2, got {window!r}")

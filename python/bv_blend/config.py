@@ -26,12 +26,6 @@ from bv_blend.tasks import get_task
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard")
-# The estimator's setting names as this config spells them.
-BV_SETTING_NAMES = {"window": "bv_window", "ema_decay": "bv_ema_decay",
-                    "initial_baseline": "bv_initial_baseline", "min_history": "bv_min_history",
-                    "eps": "advantage_eps", "scale": "bv_scale",
-                    "key_ema_decay": "bv_key_ema_decay", "key_min_history": "bv_key_min_history"}
-
 
 def _f(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
@@ -173,7 +167,8 @@ class GRPOConfig:
             window=self.bv_window, ema_decay=self.bv_ema_decay,
             initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
             eps=self.advantage_eps, scale=self.bv_scale, key_ema_decay=self.bv_key_ema_decay,
-            key_min_history=self.bv_key_min_history, names=BV_SETTING_NAMES)
+            key_min_history=self.bv_key_min_history, prefix="bv_",
+            names={"eps": "advantage_eps"})
         if self.key_column is not None and self.estimator != "bv_blend":
             # The other estimators keep no history, so keys would be silently meaningless.
             raise ValueError(f"bv_key {self.bv_key!r} needs estimator 'bv_blend' (the only one "

@@ -115,10 +115,7 @@ class BVBlendGRPOConfig(GRPOConfig):
             window=self.bv_window, ema_decay=self.bv_ema_decay,
             initial_baseline=self.bv_initial_baseline, min_history=self.bv_min_history,
             eps=self.bv_eps, scale=self.bv_scale, key_ema_decay=self.bv_key_ema_decay,
-            key_min_history=self.bv_key_min_history,
-            names={setting: f"bv_{setting}" for setting in
-                   ("window", "ema_decay", "initial_baseline", "min_history", "eps", "scale",
-                    "key_ema_decay", "key_min_history")})
+            key_min_history=self.bv_key_min_history, prefix="bv_")
         if not isinstance(self.bv_key, str) or not self.bv_key.removeprefix("column:"):
             raise ValueError(f"bv_key must be 'none', 'prompt' or a train_dataset column name, "
                              f"got {self.bv_key!r}")

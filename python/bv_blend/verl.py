@@ -86,7 +86,7 @@ def read_settings(algorithm) -> dict:
                          f"{ESTIMATOR_NAME} estimator; its settings are {sorted(DEFAULT_SETTINGS)}")
     settings = {**DEFAULT_SETTINGS, **given}
     bv_blend_ext.check_settings(
-        **settings, names={name: f"algorithm.{ESTIMATOR_NAME}.{name}" for name in settings})
+        **settings, prefix=f"algorithm.{ESTIMATOR_NAME}.")
     if not algorithm.get("norm_adv_by_std_in_grpo", True) and settings["scale"] != "none":
         # verl's switch for Dr. GRPO does not reach a registered estimator; honour the intent
         # rather than scale advantages the user asked to leave unscaled.

@@ -405,8 +405,7 @@ def test_bad_keyed_settings(case):
     base = dict(window=4, ema_decay=None, initial_baseline=0.0, min_history=2, eps=1e-4,
                 scale="blend")
     with raises_naming(f"bv_{argument}", ValueError):
-        bv_blend_ext.check_settings(**base, **kwargs,
-                                    names={argument: f"bv_{argument}"})
+        bv_blend_ext.check_settings(**base, **kwargs, prefix="bv_")
 
 
 def test_keyed_settings_repr_buffers_casts_and_reset():
