@@ -1,10 +1,14 @@
 """Helpers shared by the tests (tests/ is on pytest's pythonpath: `from helpers import ...`)."""
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import bv_blend_ext
 from bv_blend_ext.reference import accumulation_dtype
@@ -79,6 +83,63 @@ def determinism_outputs(ragged, offsets, fixed, grad_out, scale):
     return {name: bits(t) for name, t in named}
 
 
+_FORWARD_BACKWARD_CHILD = """
+import sys, torch
+sys.path[:0] = {paths!r}
+import bv_blend_ext
+ops = torch.ops.bv_blend
+results = []
+for (r, g, k, hm, hv, s) in torch.load({inputs!r}):
+    out = list(ops.group_advantages(r, None, k, hm, hv, 1e-4, s))
+    results.append(out + [ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)])
+torch.save(results, {outputs!r})
+"""
+
+
+def forward_backward_here_and_without_avx2(cases, tmp_path):
+    """The four forward outputs and the backward of each case (rewards, grad, group_size,
+    hist_mean, hist_var, scale) from this process and from a child process started with
+    BV_BLEND_CPU_AVX2=0, whose CPU kernels take the 16-byte path instead. (The backward's
+    advantages argument only matters for scale="batch"; the rewards stand in for it.)"""
+    inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
+    torch.save(cases, inputs)
+    ops = torch.ops.bv_blend
+    here = [[*ops.group_advantages(r, None, k, hm, hv, 1e-4, s),
+             ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)]
+            for (r, g, k, hm, hv, s) in cases]
+    paths = [os.path.dirname(os.path.dirname(bv_blend_ext.__file__))] + sys.path
+    child = _FORWARD_BACKWARD_CHILD.format(paths=paths, inputs=inputs, outputs=outputs)
+    subprocess.run([sys.executable, "-c", child], env=dict(os.environ, BV_BLEND_CPU_AVX2="0"),
+                   check=True)
+    return here, torch.load(outputs)
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's CPU thread count set to `count` inside the block, the caller's restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def per_thread_count(compute, counts=(1, 2)):
+    """compute() once with each CPU thread count: the list of its results."""
+    results = []
+    for count in counts:
+        with torch_threads(count):
+            results.append(compute())
+    return results
+
+
+def differing_bits(one, two):
+    """The names whose tensors differ in any bit between two dicts of tensors of the same names."""
+    assert one.keys() == two.keys()
+    return [name for name in one if not torch.equal(bits(one[name]), bits(two[name]))]
+
+
 def state_of(estimator):
     """A copy of an estimator's history buffers, to compare with after a call."""
     return {name: value.clone() for name, value in estimator.state_dict().items()}
@@ -95,6 +156,20 @@ def assert_same_state(before, estimator):
 def raises_naming(argument, error=(ValueError, TypeError)):
     """pytest.raises for an error whose message names `argument` (a regex alternative)."""
     return pytest.raises(error, match=rf"\b({argument})\b")
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor methods that copy values to the host (each a sync on a GPU)."""
+
+    READS = {"tolist", "item", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
 
 
 def read_metrics(output_dir):

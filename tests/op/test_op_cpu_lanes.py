@@ -4,16 +4,10 @@ the op runs whole blocks of groups in lanes and hands blocks holding a non-finit
 overflowing sum) back to the per-group path. Offsets describing the same groups always take the
 per-group path, so the two must agree bit for bit: advantages, statistics and gradients."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-import bv_blend_ext
-
-from helpers import bits
+from helpers import bits, forward_backward_here_and_without_avx2, torch_threads
 
 ops = torch.ops.bv_blend
 SCALES = ("group", "blend", "batch", "none")
@@ -56,10 +50,8 @@ def test_lanes_match_per_group_path(dtype, group_size, kind, scale):
     rewards = make_rewards(kind, n, dtype, seed=group_size)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     offsets = torch.arange(0, n + 1, group_size, dtype=torch.int64)
-    threads = torch.get_num_threads()
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
+    for num_threads in (1, 2):
+        with torch_threads(num_threads):
             for hist_mean, hist_var, eps in ((0.3, 0.05, 1e-4), (0.0, 0.0, 0.0), (-1.0, 2.0, 0.5)):
                 fixed = run(rewards, group_size, None, grad, hist_mean, hist_var, eps, scale)
                 ragged = run(rewards, 0, offsets, grad, hist_mean, hist_var, eps, scale)
@@ -68,27 +60,11 @@ def test_lanes_match_per_group_path(dtype, group_size, kind, scale):
                              if not torch.equal(a, b)]
                 assert not differing, (f"{num_threads} threads, history ({hist_mean}, "
                                        f"{hist_var}), eps {eps}: {differing}")
-    finally:
-        torch.set_num_threads(threads)
-
-
-SUBPROCESS = """
-import sys, torch
-sys.path[:0] = {paths!r}
-import bv_blend_ext
-ops = torch.ops.bv_blend
-results = []
-for (r, g, k, hm, hv, s) in torch.load({inputs!r}):
-    out = list(ops.group_advantages(r, None, k, hm, hv, 1e-4, s))
-    results.append(out + [ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)])
-torch.save(results, {outputs!r})
-"""
 
 
 def test_avx2_and_16_byte_paths_agree(tmp_path):
     """BV_BLEND_CPU_AVX2=0 turns the AVX2 path off (it is used only where the CPU has AVX2): a
-    child process without it must give the same bits as this one. (The advantages argument of
-    the backward only matters for scale="batch"; any tensor of the rewards' shape will do.)"""
+    child process without it must give the same bits as this one."""
     cases = []
     for k in (4, 8, 16, 32, 64):
         for kind in ("continuous", "non_finite", "signed_zero"):
@@ -97,17 +73,7 @@ def test_avx2_and_16_byte_paths_agree(tmp_path):
             for scale in SCALES:
                 cases.append((r, g, k, torch.tensor(0.3, dtype=torch.float64),
                               torch.tensor(0.05, dtype=torch.float64), scale))
-    inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
-    torch.save(cases, inputs)
-    here = [ops.group_advantages(r, None, k, hm, hv, 1e-4, s) for (r, _, k, hm, hv, s) in cases]
-    here = [[*out, ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)]
-            for out, (r, g, k, hm, hv, s) in zip(here, cases)]
-    paths = [os.path.dirname(os.path.dirname(bv_blend_ext.__file__))] + sys.path
-    env = dict(os.environ, BV_BLEND_CPU_AVX2="0")
-    subprocess.run([sys.executable, "-c", SUBPROCESS.format(paths=paths, inputs=inputs,
-                                                            outputs=outputs)],
-                   env=env, check=True)
-    there = torch.load(outputs)
+    here, there = forward_backward_here_and_without_avx2(cases, tmp_path)
     for case, a, b in zip(cases, here, there):
         for x, y in zip(a, b):
             assert torch.equal(bits(x), bits(y)), f"group size {case[2]}, scale {case[5]}"

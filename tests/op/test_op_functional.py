@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import assert_blend_close, bits, determinism_outputs, ragged_rewards
+from helpers import (assert_blend_close, bits, determinism_outputs, differing_bits,
+                     per_thread_count, ragged_rewards)
 
 NAN = float("nan")
 SCALES = ("group", "blend", "batch", "none")
@@ -233,13 +234,7 @@ def test_bitwise_equal_across_thread_counts(scale):
     ragged, offsets = ragged_rewards(20000, 14, torch.float32, seed=6)
     fixed = torch.randn(8192 * 16, generator=torch.Generator().manual_seed(7))
     grad_out = torch.randn(ragged.shape, generator=torch.Generator().manual_seed(8))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = determinism_outputs(ragged, offsets, fixed, grad_out, scale)
-        torch.set_num_threads(2)
-        two = determinism_outputs(ragged, offsets, fixed, grad_out, scale)
-    finally:
-        torch.set_num_threads(threads)
-    differing = [name for name in one if not torch.equal(one[name], two[name])]
+    one, two = per_thread_count(
+        lambda: determinism_outputs(ragged, offsets, fixed, grad_out, scale))
+    differing = differing_bits(one, two)
     assert not differing, f"differ between 1 and 2 threads: {differing}"

@@ -10,12 +10,11 @@ import textwrap
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import assert_same_state, bits, raises_naming, state_of
+from helpers import HostReads, assert_same_state, bits, raises_naming, state_of
 
 NAN, INF = float("nan"), float("inf")
 OPS = torch.ops.bv_blend
@@ -372,20 +371,6 @@ def test_compiled_estimator_gets_the_eager_error_and_keeps_its_history():
 
 
 # 8. validate=True reads device memory once -----------------------------------------------------
-
-class HostReads(TorchFunctionMode):
-    """Counts the tensor methods that copy values to the host (each a sync on a GPU)."""
-
-    READS = {"tolist", "item", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("history", ("floats", "tensors"))
 def test_validation_reads_device_memory_in_one_transfer(history, monkeypatch):

@@ -4,19 +4,15 @@ reference.KeyedHistoryReference: the CPU lane and per-group paths, thread-count 
 validation, state_dict, torch.compile, opcheck, and (with a GPU) CUDA parity, determinism and
 graph capture."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import (assert_blend_close, assert_history, assert_same_state, bits,
-                     ragged_rewards, raises_naming, state_of)
+from helpers import (HostReads, assert_blend_close, assert_history, assert_same_state, bits,
+                     differing_bits, forward_backward_here_and_without_avx2, per_thread_count,
+                     ragged_rewards, raises_naming, state_of, torch_threads)
 
 NAN, INF = float("nan"), float("inf")
 SCALES = ("group", "blend", "batch", "none")
@@ -99,28 +95,11 @@ def test_lanes_with_per_group_history_match_the_per_group_path(group_size, scale
     grad = torch.randn(rewards.shape, generator=gen, dtype=torch.float64).to(dtype)
     offsets = torch.arange(0, rewards.numel() + 1, group_size)
     h, u = per_group_history(num_groups, seed=group_size, unusable=True)
-    threads = torch.get_num_threads()
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
+    for num_threads in (1, 2):
+        with torch_threads(num_threads):
             fixed = run_both(rewards, group_size, None, grad, h, u, scale)
             ragged = run_both(rewards, 0, offsets, grad, h, u, scale)
-            assert all(torch.equal(a, b) for a, b in zip(fixed, ragged)), num_threads
-    finally:
-        torch.set_num_threads(threads)
-
-
-AVX2_CHILD = """
-import sys, torch
-sys.path[:0] = {paths!r}
-import bv_blend_ext
-ops = torch.ops.bv_blend
-results = []
-for (r, g, k, hm, hv, s) in torch.load({inputs!r}):
-    out = list(ops.group_advantages(r, None, k, hm, hv, 1e-4, s))
-    results.append(out + [ops.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)])
-torch.save(results, {outputs!r})
-"""
+        assert all(torch.equal(a, b) for a, b in zip(fixed, ragged)), num_threads
 
 
 def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
@@ -137,16 +116,7 @@ def test_avx2_and_16_byte_paths_agree_with_per_group_history(tmp_path):
             # One value per group against the scalar, compared below in the child's results.
             cases.append((r, g, k, *scalar, scale))
             cases.append((r, g, k, *(t.expand(37).clone() for t in scalar), scale))
-    inputs, outputs = str(tmp_path / "in.pt"), str(tmp_path / "out.pt")
-    torch.save(cases, inputs)
-    here = [[*OPS.group_advantages(r, None, k, hm, hv, 1e-4, s),
-             OPS.group_advantages_backward(g, r, r, None, k, hm, hv, 1e-4, s)]
-            for (r, g, k, hm, hv, s) in cases]
-    paths = [os.path.dirname(os.path.dirname(bv_blend_ext.__file__))] + sys.path
-    subprocess.run([sys.executable, "-c", AVX2_CHILD.format(paths=paths, inputs=inputs,
-                                                            outputs=outputs)],
-                   env=dict(os.environ, BV_BLEND_CPU_AVX2="0"), check=True)
-    there = torch.load(outputs)
+    here, there = forward_backward_here_and_without_avx2(cases, tmp_path)
     for case, a, b in zip(cases, here, there):
         assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b)), (case[2], case[5])
     for i in range(1, len(cases), 3):
@@ -180,20 +150,6 @@ def test_bad_per_group_history_is_rejected_naming_it(case):
     kwargs, argument = BAD_HISTORY[case]
     with raises_naming(argument):
         bv_blend_ext.blend_advantages(torch.arange(6.0), 2, **kwargs)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the tensor methods that copy values to the host (each a sync on a GPU)."""
-
-    READS = {"tolist", "item", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 def test_validation_reads_per_group_history_and_keys_in_one_transfer(monkeypatch):
@@ -305,21 +261,17 @@ def test_keyed_update_is_thread_count_independent(groups):
     means = torch.rand(groups, generator=gen, dtype=torch.float64)
     means[torch.rand(groups, generator=gen) < 0.1] = NAN
     keys = torch.randint(-3, 1003, (groups,), generator=gen)  # duplicates, and some out of range
-    states = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            est = bv_blend_ext.BVBlend(num_keys=1000)
-            for _ in range(2):
-                OPS.update_keyed_history(means, keys, est.key_count, est.key_mean, est.key_var,
-                                         est.key_alpha, est.ring, est.count, est.ema, est.var,
-                                         est.alpha, est.min_history)
-            states.append(est.state_dict())
-    finally:
-        torch.set_num_threads(threads)
-    for name in states[0]:
-        assert torch.equal(bits(states[0][name]), bits(states[1][name])), name
+
+    def updated_state():
+        est = bv_blend_ext.BVBlend(num_keys=1000)
+        for _ in range(2):
+            OPS.update_keyed_history(means, keys, est.key_count, est.key_mean, est.key_var,
+                                     est.key_alpha, est.ring, est.count, est.ema, est.var,
+                                     est.alpha, est.min_history)
+        return est.state_dict()
+
+    states = per_thread_count(updated_state)
+    assert not differing_bits(*states)
     mirror = reference.KeyedHistoryReference(1000)
     for _ in range(2):
         mirror.push_keys(means, keys)

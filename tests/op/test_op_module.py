@@ -10,7 +10,7 @@ import torch
 import bv_blend_ext
 from bv_blend_ext import reference
 
-from helpers import assert_history, bits, ragged_rewards
+from helpers import assert_history, bits, differing_bits, per_thread_count, ragged_rewards
 
 NAN = float("nan")
 
@@ -217,20 +217,17 @@ def test_large_history_update_is_thread_count_independent_and_matches_the_recurs
     gen = torch.Generator().manual_seed(3)
     means = torch.rand(groups, generator=gen, dtype=torch.float64)
     means[torch.rand(groups, generator=gen) < 0.1] = NAN
-    states = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            est = bv_blend_ext.BVBlend(window=64, initial_baseline=0.25)
-            torch.ops.bv_blend.update_history(means, est.ring, est.count, est.ema, est.var,
-                                              est.alpha, est.min_history)
-            states.append(est.state_dict())
-    finally:
-        torch.set_num_threads(threads)
-    for name in states[0]:
-        assert torch.equal(bits(states[0][name]), bits(states[1][name])), name
+
+    def updated_state():
+        est = bv_blend_ext.BVBlend(window=64, initial_baseline=0.25)
+        torch.ops.bv_blend.update_history(means, est.ring, est.count, est.ema, est.var,
+                                          est.alpha, est.min_history)
+        return est.state_dict()
+
+    states = per_thread_count(updated_state)
+    assert not differing_bits(*states)
     ref = reference.HistoryReference(window=64, initial_baseline=0.25)
     ref.push(means)
+    est = bv_blend_ext.BVBlend(window=64, initial_baseline=0.25)
     est.load_state_dict(states[0])
     assert_history(est, ref, 1e-12)
