@@ -5,12 +5,13 @@
     python benchmarks/bench_estimators.py sim --quick       # seconds (smoke test)
     python benchmarks/bench_estimators.py trainer --quick
 
-Estimators: grpo (scale "group"), rloo (leave-one-out mean, unscaled), dr_grpo (group mean,
-unscaled), batch (group mean, batch std), bv_blend_group (BVBlend scale="group") and bv_blend
-(BVBlend scale="blend", the default). Intervals are 95% bootstrap intervals of the median over
-seeds; "x grpo" columns are the median over seeds of the per-seed ratio to grpo (same task, same
-draws), with its interval. Writes <mode>.md, <mode>_runs.csv and <mode>.png under
-benchmarks/results/estimators/.
+Trainer estimators: grpo (scale "group"), rloo (leave-one-out mean, unscaled), dr_grpo (group
+mean, unscaled), batch (group mean, batch std), bv_blend_group / bv_blend / bv_blend_none
+(BVBlend with scale "group", "blend", "none" (the default)), bv_keyed / bv_keyed_none (BVBlend
+with a history per prompt, scale "blend" / "none") and spo (a per-prompt success tracker). The
+simulation's names are baseline/scale pairs (see estimator_sim.py). Both report paired per-seed
+differences with 95% bootstrap intervals. Writes <mode>.md, <mode>_runs.csv, <mode>_tuning.csv
+and <mode>.png under benchmarks/results/estimators/.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ if not __package__:
 
 from benchmarks import estimator_sim as sim  # noqa: E402
 from benchmarks import harness  # noqa: E402
-from bv_blend.advantages import AdvantageEstimator, Advantages  # noqa: E402
-from bv_blend_ext import reference as bv_reference  # noqa: E402
+from bv_blend.advantages import AdvantageEstimator  # noqa: E402
 
 RESULTS = harness.RESULTS / "estimators"
 
@@ -327,16 +327,18 @@ TRAINER_ESTIMATORS = {  # name -> GRPOConfig overrides; the benchmark builds the
     "batch": dict(estimator="batch"),
     "bv_blend_group": dict(estimator="bv_blend", bv_scale="group"),
     "bv_blend": dict(estimator="bv_blend", bv_scale="blend"),
-    "bv_blend_none": {},  # the trainer's config does not offer scale "none" (yet)
-    "bv_keyed": {},  # keyed: the trainer does not pass prompt ids (yet)
-    "bv_keyed_none": {},
+    "bv_blend_none": dict(estimator="bv_blend", bv_scale="none"),
+    # Keyed by prompt (PromptKeys below): the trainer's own --bv-key prompt needs a finite
+    # prompt set (--num-prompts), which would change the data every other estimator sees.
+    "bv_keyed": dict(estimator="bv_blend", bv_scale="blend"),
+    "bv_keyed_none": dict(estimator="bv_blend", bv_scale="none"),
     "spo": {},
 }
 
 
 class PromptKeys:
-    """Gives the trainer's estimator the prompt ids it does not pass yet: ids are handed out in
-    order of first sight, and the keyed estimators read the ids of the step's prompts."""
+    """Gives the trainer's estimator an id per distinct prompt of the task's endless stream, in
+    order of first sight, and the keyed estimators the ids of the step's prompts."""
 
     def __init__(self, trainer, estimator, num_keys: int):
         self.ids, self.num_keys, self.current = {}, num_keys, []
@@ -352,21 +354,20 @@ class PromptKeys:
 
     def __call__(self, rewards, group_size, keys=None):
         # The trainer passes keys only under --bv-key; these runs use the benchmark's own ids.
-        keys = torch.tensor(self.current, dtype=torch.int64)
-        if isinstance(self.estimator, bv_reference.KeyedHistoryReference):
-            step = self.estimator.step(rewards, group_size, keys=keys, scale=self.scale)
-            return Advantages(step.advantages, step.group_mean, step.group_std, step.beta, 0.0, 0.0)
-        return self.estimator(rewards, group_size, keys=keys)
+        return self.estimator(rewards, group_size, keys=torch.tensor(self.current, dtype=torch.int64))
 
 
 def keyed_estimator(trainer, name: str, num_keys: int):
-    """bv_keyed*: per-prompt BV-Blend (the spec, reference.KeyedHistoryReference: the keyed op
-    is not on this branch); spo: advantages.AdvantageEstimator("spo")."""
+    """bv_keyed*: per-prompt BV-Blend, the keyed op (BVBlend(num_keys=...)) with the config's
+    settings and the default key settings; spo: advantages.AdvantageEstimator("spo")."""
     if name == "spo":
         return PromptKeys(trainer, AdvantageEstimator("spo", num_keys=num_keys), num_keys)
-    keys = PromptKeys(trainer, bv_reference.KeyedHistoryReference(num_keys=num_keys), num_keys)
-    keys.scale = "none" if name.endswith("_none") else "blend"
-    return keys
+    cfg = trainer.config
+    estimator = AdvantageEstimator(
+        "bv_blend", eps=cfg.advantage_eps, window=cfg.bv_window, ema_decay=cfg.bv_ema_decay,
+        min_history=cfg.bv_min_history, initial_baseline=cfg.bv_initial_baseline,
+        bv_scale=cfg.bv_scale, num_keys=num_keys)
+    return PromptKeys(trainer, estimator, num_keys)
 
 
 def task_prompts(task: str) -> list[dict]:
@@ -421,11 +422,6 @@ def run_trainer(estimators, seeds, steps: int, eval_every: int, eval_samples: in
             trainer = GRPOTrainer(config=cfg)
             if est.startswith("bv_keyed") or est == "spo":
                 trainer.estimator = keyed_estimator(trainer, est, len(examples))
-            elif est == "bv_blend_none":
-                trainer.estimator = AdvantageEstimator(
-                    "bv_blend", eps=cfg.advantage_eps, window=cfg.bv_window,
-                    ema_decay=cfg.bv_ema_decay, min_history=cfg.bv_min_history,
-                    initial_baseline=cfg.bv_initial_baseline, bv_scale="none")
             evals = [expected_reward(trainer, examples, eval_samples)]
             rows = []
             for step in range(1, steps + 1):
@@ -476,9 +472,8 @@ def trainer_markdown(runs, args, command: str) -> str:
              f"`d vs {ref}` = mean per-seed paired difference x100 [95% bootstrap interval] "
              "wins/losses, sign-test p; `steps to thr` = first evaluation with reward >= "
              f"{args.threshold}.",
-             "- keyed estimators get prompt ids from the benchmark (the trainer does not pass "
-             "them on this branch); bv_keyed* use reference.KeyedHistoryReference (key alpha "
-             "0.25, 2 visits before a key is used).", "",
+             "- keyed estimators get an id per distinct prompt from the benchmark; bv_keyed* are "
+             "BVBlend(num_keys=...) (key alpha 0.25, 2 visits before a key is used).", "",
              f"| estimator | lr | eval AUC | d vs {ref} | p | eval final | d vs {ref} | steps to thr "
              "| reached | tied groups | max abs A |",
              "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
