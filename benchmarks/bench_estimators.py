@@ -82,6 +82,8 @@ def _band(ax, curves: np.ndarray, label: str):
 LRS = (0.03, 0.1, 0.3, 1.0)  # Adam learning rates tried for every method
 SETTINGS = {"bv": (20, 100, 500),  # window
             "bvk": (0.1, 0.25, 0.5),  # key EMA alpha
+            "bvp": (20, 100, 500),  # bv's history, the precision weight
+            "bvkp": (0.1, 0.25, 0.5),
             "spo": (0.5, 0.8, 0.95)}  # discount rho
 REFERENCE = "grpo/group"
 NOISE_FLOOR = ("rloo/none", "grpo/none")  # RLOO = k/(k-1) x Dr.GRPO: a difference Adam cancels
@@ -204,8 +206,8 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
              f"Each cell: a log-linear policy over {base.answers} answers per prompt on "
              f"{base.features} shared features, Bernoulli rewards, {base.samples_per_step} samples "
              f"per step (prompts x k), {base.steps} Adam steps. Every method's lr (from {LRS}) and "
-             f"setting (bv window {SETTINGS['bv']}, bvk key alpha {SETTINGS['bvk']}, spo "
-             f"discount {SETTINGS['spo']}) is tuned per cell on seeds {TUNING_SEEDS.start}.."
+             f"setting (bv/bvp window {SETTINGS['bv']}, bvk/bvkp key alpha {SETTINGS['bvk']}, "
+             f"spo discount {SETTINGS['spo']}) is tuned per cell on seeds {TUNING_SEEDS.start}.."
              f"{TUNING_SEEDS.stop - 1} (best mean AUC); the tables are {seeds} other seeds "
              "(a seed = a task + its draws), all methods sharing the draws.", "",
              "- `AUC` = mean over the run of the fraction of the gap J0 -> Jmax closed (exact J "
@@ -246,6 +248,17 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
               "|---|" + "---|" * len(CONTRASTS)]
     for c in names:
         lines.append(f"| {c} | " + " | ".join(diff_cell(runs, c, a, b) for a, b in CONTRASTS) + " |")
+    lines += ["", "## The precision weight against the article's: paired dAUC x100 within each cell, "
+              "first minus second, mean [95% CI] wins/losses", "",
+              "bvp, bvkp: beta = (s_G^2/k) / (s_G^2/k + sigma_u^2) on bv's and bvk's histories "
+              "(s_G^2 of a tied group = the call's pooled within-group variance; at k = 1 the "
+              "variance of the call's rewards); bv, bvk: the article's beta = sigma_u^2 / "
+              "(sigma_u^2 + sigma_G^2).", "",
+              "| cell | " + " | ".join(f"{a} - {b}" for a, b in WEIGHT_CONTRASTS) + " |",
+              "|---|" + "---|" * len(WEIGHT_CONTRASTS)]
+    for c in names:
+        lines.append(f"| {c} | " + " | ".join(diff_cell(runs, c, a, b)
+                                              for a, b in WEIGHT_CONTRASTS) + " |")
     for c in names:
         lines += ["", f"## {c}", "",
                   f"{cells[c].prompts} prompts, {cells[c].batch_prompts} x {cells[c].group_size} "
@@ -280,8 +293,11 @@ def sim_markdown(runs, tuning, visits, cells, seeds: int, command: str) -> str:
 CONTRASTS = (("bv/none", "bv/blend"), ("bvk/none", "bvk/blend"), ("bvk/none", "bv/none"),
              ("bvk/blend", "bv/blend"), ("bvk/none", "spo/batch"), ("bvk/none", "rloo/none"),
              ("oracle/none", "bvk/none"))
-SUMMARY = ("grpo/none", "rloo/none", "bv/blend", "bv/none", "bvk/blend", "bvk/none", "spo/batch",
-           "spo/none", "oracle/none", "global/none")
+WEIGHT_CONTRASTS = (("bvp/none", "bv/none"), ("bvkp/none", "bvk/none"), ("bvp/blend", "bv/blend"),
+                    ("bvkp/blend", "bvk/blend"), ("bvp/none", "bvp/blend"),
+                    ("bvkp/none", "bvkp/blend"))
+SUMMARY = ("grpo/none", "rloo/none", "bv/blend", "bv/none", "bvp/none", "bvk/blend", "bvk/none",
+           "bvkp/none", "spo/batch", "spo/none", "oracle/none", "global/none")
 
 
 def sim_plot(path: Path, runs, curves, cells) -> None:
@@ -309,8 +325,8 @@ def sim_plot(path: Path, runs, curves, cells) -> None:
         plt_colorbar = axes[0].figure.colorbar(im, ax=axes[0], fraction=0.03)
         plt_colorbar.ax.tick_params(labelsize=7)
         main = names[0] if len(names) < 4 else "k=2 mixed"
-        for m in ("grpo/group", "rloo/none", "bv/blend", "bv/none", "bvk/blend", "bvk/none",
-                  "spo/batch", "oracle/none"):
+        for m in ("grpo/group", "rloo/none", "bv/blend", "bv/none", "bvp/none", "bvk/blend",
+                  "bvk/none", "bvkp/none", "spo/batch", "oracle/none"):
             if (main, m) in curves:
                 c = curves[(main, m)]
                 _band(axes[1], c[:, 1:], m)

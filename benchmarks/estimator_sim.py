@@ -25,6 +25,11 @@ A method is a baseline x a scale (BASELINES x SCALES) with its own learning rate
                       mean with the EMA H of past group means; setting = the window
               bvk     BV-Blend, per-prompt history (BVBlend(num_keys=P)): the prompt's own EMA
                       moments once it has 2 visits, else the global history; setting = key alpha
+              bvp     bv's history with the precision weight: beta = (s_G^2/k) / (s_G^2/k +
+                      sigma_u^2), inverse-variance weighting of the group mean (variance s_G^2/k)
+                      and H (spread sigma_u^2); s_G^2 = sigma_G^2, or the call's pooled within-
+                      group variance for a tied group (see State.advantages); setting = window
+              bvkp    bvk's history with the precision weight; setting = key alpha
               spo     the per-prompt success tracker of SPO (Xu & Ding, "Single-stream Policy
                       Optimization", arXiv 2509.13232): pseudo-counts a <- rho a + sum r,
                       b <- rho b + sum (1 - r), baseline a / (a + b); setting = the discount rho.
@@ -37,10 +42,11 @@ A method is a baseline x a scale (BASELINES x SCALES) with its own learning rate
                       counterpart)
     scale     none    1 (Dr.GRPO, RLOO and SPO's own baseline step)
               group   std of the group's rewards + eps (GRPO)
-              blend   sqrt((1 - beta) sigma_G^2 + beta sigma_u^2) + eps (BV-Blend's default)
+              blend   sqrt((1 - beta) sigma_G^2 + beta sigma_u^2) + eps, with the baseline's
+                      own beta (BV-Blend's former default)
               batch   std of all the step's rewards + eps (SPO normalises over the batch)
-The two history baselines follow the op's contract (bv_blend_ext.reference); the test
-tests/app/test_benchmarks_smoke.py checks them against BVBlend and KeyedHistoryReference.
+The history baselines follow the op's contract (bv_blend_ext.reference), bvp and bvkp up to their
+weight; tests/app/test_benchmarks_smoke.py checks them against BVBlend and KeyedHistoryReference.
 """
 
 from __future__ import annotations
@@ -50,9 +56,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-BASELINES = ("grpo", "rloo", "bv", "bvk", "spo", "oracle", "global", "exact")
+BASELINES = ("grpo", "rloo", "bv", "bvk", "bvp", "bvkp", "spo", "oracle", "global", "exact")
 SCALES = ("none", "group", "blend", "batch")
-HISTORY_BASELINES = ("bv", "bvk")  # the only ones whose beta is not 0, so blend != group
+# The only baselines whose beta is not 0, so blend != group.
+HISTORY_BASELINES = ("bv", "bvk", "bvp", "bvkp")
 DIFFICULTIES = {"mixed": (-5.0, 1.0), "uniform": (-2.0, -2.0)}  # ranges of the prompt bias b
 NOISES = ("clean", "flip", "gauss")
 EPS = 1e-4
@@ -63,7 +70,7 @@ class Method:
     baseline: str
     scale: str = "none"
     lr: float = 0.03
-    setting: float = math.nan  # window (bv), key alpha (bvk), discount (spo); else unused
+    setting: float = math.nan  # window (bv, bvp), key alpha (bvk, bvkp), discount (spo)
 
     @property
     def name(self) -> str:
@@ -176,14 +183,15 @@ class State:
         # bv: a ring of the last `window` group means, and the EMA H with alpha = 2/(window + 1).
         # Column `max window` of the ring takes the writes of groups that a call of more than
         # `window` groups overwrites within the same call.
-        window = torch.tensor([int(x.setting) if x.baseline == "bv" else 100 for x in methods])
+        window = torch.tensor([int(x.setting) if x.baseline in ("bv", "bvp") else 100
+                               for x in methods])
         self.window = window[:, None].expand(m, s)
         self.ring = torch.zeros(m, s, int(window.max()) + 1, dtype=torch.float64)
         self.count = torch.zeros(m, s, dtype=torch.int64)
         self.ema = torch.zeros(m, s, dtype=torch.float64)
         self.alpha = (2.0 / (self.window + 1)).double()
-        # bvk: per-prompt visit count and EMA moments of the prompt's group means.
-        self.key_alpha = torch.tensor([x.setting if x.baseline == "bvk" else 0.25
+        # bvk, bvkp: per-prompt visit count and EMA moments of the prompt's group means.
+        self.key_alpha = torch.tensor([x.setting if x.baseline in ("bvk", "bvkp") else 0.25
                                        for x in methods], dtype=torch.float64)[:, None, None]
         self.key_n = torch.zeros(m, s, p, dtype=torch.int64)
         self.key_m = torch.zeros(m, s, p, dtype=torch.float64)
@@ -223,6 +231,25 @@ class State:
             beta = torch.where(total > 0, hist_var / torch.where(total > 0, total, 1), 0)
             return (1 - beta) * mu + beta * hist_mean, beta, hist_var
 
+        # The precision weight needs the variance of each group mean, s^2/k. A tied group's
+        # sample variance 0 would claim an exact mean (beta = 0: B = mu_G, no advantage), yet
+        # at small k ties are mostly chance (p = 0.3, k = 2: 58%). Its s^2 is the call's pooled
+        # within-group variance instead: the mean sigma_G^2 over the call's groups, ties
+        # included, an unbiased estimate of the batch prompts' average reward variance under the
+        # current policy. It assumes no reward distribution (Bernoulli or not) and scales with
+        # the rewards like sigma_G^2 and sigma_u^2, so beta is scale-free. With one reward per
+        # group there is no within-group variance; the variance of all the call's rewards (within
+        # plus between prompts: an upper bound) stands in.
+        pooled = var.mean(-1, keepdim=True) if k > 1 else rewards.flatten(2).var(-1)[..., None]
+        mean_var = torch.where(var > 0, var, pooled) / k
+
+        def precision(hist_mean, hist_var):
+            # sigma_u^2 = 0 is the op's "no usable history"; a history of identical group means
+            # (two visits of a tied prompt) is no evidence that H is exact either: beta = 0.
+            has = hist_var > 0
+            beta = torch.where(has, mean_var / torch.where(has, mean_var + hist_var, 1), 0)
+            return (1 - beta) * mu + beta * hist_mean, beta
+
         keyed = self.key_n.gather(2, idx) >= self.cell.key_min_history
         bvk_h = torch.where(keyed, self.key_m.gather(2, idx), h)
         bvk_u = torch.where(keyed, self.key_v.gather(2, idx), u)
@@ -232,10 +259,14 @@ class State:
         # rloo's baseline is per sample (`loo`, below); exact's advantages are never used.
         bv_base, bv_beta, bv_u = blend(h, u)
         bvk_base, bvk_beta, bvk_u = blend(bvk_h, bvk_u)
+        bvp_base, bvp_beta = precision(h, u)
+        bvkp_base, bvkp_beta = precision(bvk_h, bvk_u)
         total = rewards.sum(-1, keepdim=True)
         loo = (total - rewards) / (k - 1) if k > 1 else rewards
         per_group = {"grpo": (mu, zero, zero), "bv": (bv_base, bv_beta, bv_u.expand_as(mu)),
-                     "bvk": (bvk_base, bvk_beta, bvk_u), "spo": (spo, zero, zero),
+                     "bvk": (bvk_base, bvk_beta, bvk_u),
+                     "bvp": (bvp_base, bvp_beta, bv_u.expand_as(mu)),
+                     "bvkp": (bvkp_base, bvkp_beta, bvk_u), "spo": (spo, zero, zero),
                      "oracle": (v_batch, zero, zero), "global": (j_all[..., None].expand_as(mu), zero, zero),
                      "exact": (mu, zero, zero), "rloo": (mu, zero, zero)}
         base = torch.stack([per_group[x][0] for x in BASELINES])  # (NB, M, S, B)

@@ -157,6 +157,42 @@ def test_sim_histories_match_the_op_and_the_keyed_spec(window, scale):
                                    rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size", [4, 1])
+def test_sim_precision_weight(group_size):
+    """bvp and bvkp blend with bv's and bvk's histories (the H and sigma_u^2 of BVBlend and of
+    KeyedHistoryReference) by beta = (s^2/k) / (s^2/k + sigma_u^2): s^2 = sigma_G^2, for a tied
+    group the call's mean sigma_G^2 (k = 1: the variance of the call's rewards); beta = 0 where
+    sigma_u^2 = 0."""
+    k = group_size
+    cell = estimator_sim.Cell(prompts=8, group_size=k, samples_per_step=3 * k)
+    methods = [estimator_sim.Method("bvp", "none", setting=10),
+               estimator_sim.Method("bvkp", "none", setting=0.25)]
+    state = estimator_sim.State(methods, cell, num_seeds=1)
+    glob = bv_blend_ext.BVBlend(window=10, scale="none")
+    keyed = reference.KeyedHistoryReference(num_keys=8, key_ema_decay=0.25)
+    g = torch.Generator().manual_seed(5)
+    used_history = 0
+    for _ in range(15):
+        prompts = torch.randperm(8, generator=g)[:3]
+        r = torch.randint(0, 3, (3, k), generator=g).double() / 2
+        adv, _ = state.advantages(r.expand(2, 1, 3, k).clone(), prompts[None],
+                                  torch.zeros(2, 1, 3, dtype=torch.float64),
+                                  torch.zeros(2, 1, dtype=torch.float64), update=True)
+        flat = r.reshape(-1)
+        var = r.var(-1) if k > 1 else torch.zeros(3, dtype=torch.float64)
+        pooled = var.mean() if k > 1 else flat.var()
+        mean_var = torch.where(var > 0, var, pooled) / k
+        keyed_history = keyed.group_history(prompts)
+        keyed.step(flat, k, keys=prompts)
+        step = glob.step(flat, group_size=k)
+        for row, (h, u) in enumerate([(step.history_mean, step.history_var), keyed_history]):
+            beta = torch.where(u > 0, mean_var / (mean_var + u), 0.0)
+            used_history += int((beta > 0).sum())
+            base = (1 - beta) * r.mean(-1) + beta * h
+            torch.testing.assert_close(adv[row, 0], r - base[:, None])
+    assert used_history > 0
+
+
 def test_sim_spo_tracker_and_rloo():
     """SPO: the first visit uses the group mean, later ones the discounted success rate of the
     earlier visits. RLOO = k/(k-1) x Dr.GRPO."""
@@ -193,12 +229,14 @@ def test_bench_estimators_sim_quick(tmp_path):
     assert bench_estimators.main(["sim", "--quick", "--out-dir", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "sim_runs.csv").open()))
     assert {r["method"] for r in rows} >= {"grpo/group", "rloo/none", "bv/blend", "bvk/blend",
-                                            "spo/batch", "oracle/none", "global/none", "exact_grad"}
+                                            "bvp/none", "bvkp/blend", "spo/batch", "oracle/none",
+                                            "global/none", "exact_grad"}
     assert {r["cell"] for r in rows} == {"k=8 mixed", "k=1 mixed"}
     assert all(0 <= float(r["j_final"]) <= 1 for r in rows)
     assert (tmp_path / "sim_tuning.csv").stat().st_size > 0
     assert (tmp_path / "sim.png").stat().st_size > 0
-    assert "| bvk/blend |" in (tmp_path / "sim.md").read_text()
+    text = (tmp_path / "sim.md").read_text()
+    assert "| bvk/blend |" in text and "| k=8 mixed | " in text.split("precision weight")[1]
 
 
 def test_bench_estimators_trainer_quick(tmp_path):
