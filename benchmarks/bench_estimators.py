@@ -1,6 +1,6 @@
 """Estimator evidence: BV-Blend against GRPO, RLOO, Dr.GRPO and batch scaling.
 
-    python benchmarks/bench_estimators.py sim        # exact-gradient simulation (~15 min, 1 core)
+    python benchmarks/bench_estimators.py sim        # exact-gradient simulation (~7.5 min, 1 core)
     python benchmarks/bench_estimators.py trainer    # the real trainer + tiny model (~20 min)
     python benchmarks/bench_estimators.py sim --quick       # seconds (smoke test)
     python benchmarks/bench_estimators.py trainer --quick
