@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import functional
 from .functional import check_call, check_eps, check_values
 from .reference import (DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE, SCALE_MODES, BlendOutput,
                         default_ema_decay)
@@ -110,11 +111,20 @@ class BVBlend(torch.nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             check_call(rewards, group_size, offsets)
-            self._check_keys(keys, rewards, group_size, offsets)
+            self._check_keys(keys, rewards)
         # The buffers by name, read from the module's dict: nn.Module's attribute lookup costs
         # about half a microsecond per buffer, and a keyed step reads a dozen.
         buffers = self._buffers
         moving = buffers["ema"].device != rewards.device
+        if self.num_keys is not None and not (compiling or moving) and functional.on_host(rewards):
+            # On the host one op makes the whole step, and validates the values check_values
+            # reads before it changes any state: there is no transfer to share there.
+            *stats, hist_mean, hist_var = torch.ops.bv_blend.keyed_step(
+                rewards, offsets, group_size or 0, keys, buffers["key_count"],
+                buffers["key_mean"], buffers["key_var"], self.key_alpha, self.key_min_history,
+                buffers["ring"], buffers["count"], buffers["ema"], buffers["var"], self.alpha,
+                self.min_history, self.eps, self.scale, validate)
+            return BlendOutput(*stats), hist_mean, hist_var
 
         def state(name: str) -> torch.Tensor:
             # The state follows the rewards, but only once the call has passed every check:
@@ -152,9 +162,10 @@ class BVBlend(torch.nn.Module):
                 buffers["key_var"], self.key_alpha, *history)
         return out, hist_mean, hist_var
 
-    def _check_keys(self, keys, rewards, group_size, offsets) -> None:
-        """`keys` is given exactly when the estimator is keyed, as (G,) int64 on the rewards'
-        device. (Their values are checked with the other values in device memory.)"""
+    def _check_keys(self, keys, rewards) -> None:
+        """`keys` is given exactly when the estimator is keyed, as an int64 tensor on the rewards'
+        device. (Its shape, (G,), is the op's to check; its values are checked by the op on the
+        host, elsewhere with the other values in device memory.)"""
         if self.num_keys is None:
             if keys is not None:
                 raise ValueError("keys were given but this estimator has no per-key history "
@@ -166,11 +177,6 @@ class BVBlend(torch.nn.Module):
         if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64:
             kind = keys.dtype if isinstance(keys, torch.Tensor) else type(keys).__name__
             raise ValueError(f"keys must be an int64 tensor, got {kind}")
-        num_groups = (offsets.shape[0] - 1 if offsets is not None
-                      else rewards.shape[0] // group_size if rewards.dim() == 1 else None)
-        if keys.dim() != 1 or (num_groups is not None and keys.shape[0] != num_groups):
-            raise ValueError(f"keys must have shape (G,) = ({num_groups},), one per group, got "
-                             f"{tuple(keys.shape)}")
         if keys.device != rewards.device:
             raise ValueError(f"keys must be on the rewards' device ({rewards.device}), got "
                              f"{keys.device}")

@@ -464,6 +464,78 @@ def test_keyed_group_advantages_is_the_gather_then_the_blend(layout, scale):
         OPS.keyed_group_advantages(rewards, offsets, group_size, keys[:1], *args[4:])
 
 
+def keyed_state(num_keys=5):
+    """A keyed step's mutable state: the key tables, then ring, count, ema and var."""
+    return [*key_tables(num_keys), torch.tensor([0.5, 1.5, 0.0, 0.0], dtype=torch.float64),
+            torch.tensor(2), torch.tensor(0.2, dtype=torch.float64),
+            torch.tensor(0.6, dtype=torch.float64)]
+
+
+def keyed_step_args(rewards, offsets, group_size, keys, state, scale="blend", validate=True):
+    count, mean, var, ring, pushed, ema, global_var = state
+    return (rewards, offsets, group_size, keys, count, mean, var, 0.25, 2, ring, pushed, ema,
+            global_var, 0.3, 2, 1e-4, scale, validate)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_keyed_step_is_the_keyed_forward_then_the_keyed_update(layout, scale):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2, NAN, NAN, 0.7, 0.1],
+                           requires_grad=True)
+    offsets, group_size = ((None, 2) if layout == "fixed" else
+                           (torch.tensor([0, 3, 4, 8, 10, 10, 12]), 0))
+    keys = torch.tensor([1, 4, 1, 0, 9, -1])  # a duplicate, and two outside [0, 5)
+    fused, apart = keyed_state(), keyed_state()
+    got = OPS.keyed_step(*keyed_step_args(rewards, offsets, group_size, keys, fused, scale,
+                                          validate=False))
+    count, mean, var, ring, pushed, ema, global_var = apart
+    want = OPS.keyed_group_advantages(rewards, offsets, group_size, keys, count, mean, var, ema,
+                                      global_var, 2, 1e-4, scale)
+    OPS.update_keyed_history(want[1], keys, count, mean, var, 0.25, ring, pushed, ema,
+                             global_var, 0.3, 2)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fused, apart))
+    (grad,) = torch.autograd.grad(got[0].sum(), rewards)
+    (want_grad,) = torch.autograd.grad(want[0].sum(), rewards)
+    assert torch.equal(bits(grad), bits(want_grad))
+    # (opcheck compares outputs without equal_nan: no group without a valid reward here.)
+    valid = rewards.detach().nan_to_num(0.5).requires_grad_()
+    nonempty = None if offsets is None else torch.tensor([0, 3, 4, 8, 10, 11, 12])
+    torch.library.opcheck(OPS.keyed_step.default,
+                          keyed_step_args(valid, nonempty, group_size, keys, keyed_state(), scale,
+                                          validate=False))
+
+
+KEYED_STEP_BAD = {
+    "key above": (dict(keys=torch.tensor([0, 5, 1])), "keys"),
+    "key below": (dict(keys=torch.tensor([-1, 0, 1])), "keys"),
+    "offsets start": (dict(offsets=torch.tensor([1, 3, 4, 6])), "offsets"),
+    "offsets end": (dict(offsets=torch.tensor([0, 3, 4, 5])), "offsets"),
+    "offsets decrease": (dict(offsets=torch.tensor([0, 4, 3, 6])), "offsets"),
+    "keys short": (dict(keys=torch.tensor([0, 1])), "keys"),
+    "ring float32": (dict(ring=torch.zeros(4)), "ring"),
+    "key_alpha": (dict(key_alpha=0.0), "key_alpha|key_ema_decay"),
+}
+
+
+@pytest.mark.parametrize("case", KEYED_STEP_BAD)
+def test_keyed_step_checks_and_validates_before_writing(case):
+    state = keyed_state()
+    names = ("key_count", "key_mean", "key_var", "ring", "count", "ema", "var")
+    args = dict(zip(("rewards", "offsets", "group_size", "keys"),
+                    (torch.arange(6.0), torch.tensor([0, 3, 4, 6]), 0, torch.tensor([0, 4, 1]))))
+    args.update(zip(names, state))
+    args.update(key_alpha=0.25, key_min_history=2, alpha=0.3, min_history=2, eps=1e-4,
+                scale="blend", validate=True)
+    before = [t.clone() for t in state]
+    changes, argument = KEYED_STEP_BAD[case]
+    with raises_naming(argument):
+        OPS.keyed_step(**{**args, **changes})
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(state, before))
+    if case.startswith(("key ", "offsets")):  # values: unvalidated, the step runs
+        OPS.keyed_step(**{**args, **changes, "validate": False})
+
+
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
 def test_opcheck_group_advantages_with_per_group_history(layout):
     rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2], requires_grad=True)
