@@ -606,10 +606,12 @@ double cpu_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
 // arrays), so nearly every table read misses the cache. The gather is a tight loop without
 // dependences between groups, so the out-of-order core already keeps many of its misses in
 // flight (software prefetch measured no faster there, nor inside the forward's loop, where the
-// misses of the gather did not overlap with the arithmetic); the update's longer, branchy body
-// does gain from prefetching the entries of the group kPrefetchDistance ahead when it runs on its
-// own (a third faster at K = 10^6). In a keyed step it mostly finds the lines the gather brought
-// in, and the prefetch makes no measurable difference.
+// misses of the gather did not overlap with the arithmetic: gathering each group's history as
+// the forward reaches it, with or without prefetch, made a keyed step at 16384 groups, whose
+// lines come from DRAM, 1.4x slower, and one at 1024 no faster); the update's longer, branchy
+// body does gain from prefetching the entries of the group kPrefetchDistance ahead when it runs on
+// its own (a third faster at K = 10^6). In a keyed step it mostly finds the lines the gather
+// brought in, and the prefetch makes no measurable difference.
 constexpr int64_t kPrefetchDistance = 32;
 
 // Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
@@ -666,33 +668,6 @@ struct CpuHistory {
   void fill(int64_t first, int n, acc_t* means, acc_t* vars) const {
     for (int l = 0; l < n; ++l) {
       const History<acc_t> h = at<acc_t>(first + l);
-      means[l] = h.mean;
-      vars[l] = h.var;
-    }
-  }
-};
-
-// The keyed forward's history: each group's H and σ_u² gathered from the key tables as the forward
-// reaches the group, and written to the op's (G,) outputs on the way, rather than gathered into
-// them first and read back. forward_cpu reads every group's history once at least, so every
-// output is written; a group read twice (a block handed back to the per-group path) is gathered
-// twice, to the same values. Each group passes through usable_history as CpuHistory
-// has it do, so the forward sees the bits it would see from the gathered (G,) tensors.
-struct KeyedCpuHistory {
-  KeyTables tables;
-
-  template <typename acc_t>
-  History<acc_t> at(int64_t group) const {
-    tables.gather(group, group + 1);
-    return usable_history<acc_t>(acc_t(tables.mean_out[group]), acc_t(tables.var_out[group]));
-  }
-
-  template <typename acc_t>
-  void fill(int64_t first, int n, acc_t* means, acc_t* vars) const {
-    tables.gather(first, first + n);
-    for (int l = 0; l < n; ++l) {
-      const History<acc_t> h = usable_history<acc_t>(acc_t(tables.mean_out[first + l]),
-                                                     acc_t(tables.var_out[first + l]));
       means[l] = h.mean;
       vars[l] = h.var;
     }
@@ -758,11 +733,9 @@ void parallel_over_groups(const GroupInputs& in, int64_t group_size, const Block
 // This and the backward below are long because each holds its two paths side by side, the block
 // of groups one per lane and the single group, so that a reader can check they compute the same
 // thing; the formulas themselves are in bv_blend_math.h.
-// GroupHistory: CpuHistory, or KeyedCpuHistory for the keyed forward.
-template <typename GroupHistory>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const GroupInputs& in,
                                                                        int64_t group_size,
-                                                                       const GroupHistory& history,
+                                                                       const CpuHistory& history,
                                                                        double eps) {
   auto [advantages, group_mean, group_std, beta] = allocate_outputs(in.rewards, in.num_groups);
   double batch_scale = 1.0;
@@ -791,7 +764,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Gro
         if constexpr (std::is_same_v<acc_t, float>) {
           if (use_avx2()) {
             float hm[8], hv[8];
-            history.template fill<float>(g0, 8, hm, hv);
+            history.fill<float>(g0, 8, hm, hv);
             return avx2::forward_block<K>(rb, reinterpret_cast<float*>(adv) + g0 * K,
                                           mean_out + g0, std_out + g0, beta_out + g0, hm, hv,
                                           acc_t(eps), in.mode, acc_t(batch_scale));
@@ -801,7 +774,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Gro
         BlockMoments<K, acc_t> m;
         if (!m.compute(rb)) return false;
         acc_t hm[L::size], hv[L::size];
-        history.template fill<acc_t>(g0, L::size, hm, hv);
+        history.fill<acc_t>(g0, L::size, hm, hv);
         const auto b = blend_lanes<VectorOps<acc_t>>(vec{} + acc_t(K - 1), m.mean, m.sq_dev,
                                                      load_lanes(hm), load_lanes(hv), acc_t(eps),
                                                      in.mode, acc_t(batch_scale));
@@ -822,13 +795,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Gro
     parallel_over_groups<scalar_t>(in, group_size, block, [&](auto static_size, int64_t g, int64_t start, int64_t n) {
       constexpr int K = decltype(static_size)::value;
       const auto m = group_moments<K, scalar_t, acc_t>(r + start, n);
-      // Read for a group without valid rewards too: a keyed history writes each group's.
-      const History<acc_t> h = history.template at<acc_t>(g);
       if (m.count == 0) {
         mean_out[g] = std_out[g] = beta_out[g] = nan;
         std::fill(adv + start, adv + start + n, scalar_t(0));
         return;
       }
+      const History<acc_t> h = history.at<acc_t>(g);
       const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, h.mean, h.var, acc_t(eps),
                                         in.mode, acc_t(batch_scale));
       mean_out[g] = b.mean;
@@ -1059,52 +1031,53 @@ double cpu_scalar(const at::Tensor& t) {
 
 // ---- Per-key history ----------------------------------------------------------------------------
 
-// Each group's (G,) float64 H and σ_u² (see keyed_history) are written as `tables` reads them;
-// `keys` is contiguous and the tables checked.
-KeyTables key_tables(const at::Tensor& keys, const at::Tensor& key_count,
-                     const at::Tensor& key_mean, const at::Tensor& key_var,
-                     const at::Tensor& hist_mean, const at::Tensor& hist_var,
-                     int64_t key_min_history, at::Tensor& group_mean, at::Tensor& group_var) {
+// The (G,) float64 H and σ_u² of every group of a keyed call (see keyed_history), gathered in
+// parallel over groups: each group is read and written on its own.
+std::tuple<at::Tensor, at::Tensor> gather_key_history(const at::Tensor& keys_in,
+                                                      const at::Tensor& key_count,
+                                                      const at::Tensor& key_mean,
+                                                      const at::Tensor& key_var,
+                                                      const at::Tensor& hist_mean,
+                                                      const at::Tensor& hist_var,
+                                                      int64_t key_min_history) {
+  const at::Tensor keys = keys_in.contiguous();
+  const int64_t num_groups = keys.numel();
   const auto options = keys.options().dtype(at::kDouble);
-  group_mean = at::empty({keys.numel()}, options);
-  group_var = at::empty({keys.numel()}, options);
-  return {keys.const_data_ptr<int64_t>(), key_count.const_data_ptr<int64_t>(),
-          key_mean.const_data_ptr<double>(), key_var.const_data_ptr<double>(),
-          key_count.numel(), key_min_history, cpu_scalar(hist_mean), cpu_scalar(hist_var),
-          group_mean.data_ptr<double>(), group_var.data_ptr<double>()};
+  at::Tensor group_mean = at::empty({num_groups}, options);
+  at::Tensor group_var = at::empty({num_groups}, options);
+  const KeyTables tables{keys.const_data_ptr<int64_t>(), key_count.const_data_ptr<int64_t>(),
+                         key_mean.const_data_ptr<double>(), key_var.const_data_ptr<double>(),
+                         key_count.numel(), key_min_history, cpu_scalar(hist_mean),
+                         cpu_scalar(hist_var), group_mean.data_ptr<double>(),
+                         group_var.data_ptr<double>()};
+  at::parallel_for(0, num_groups, kGatherGrain,
+                   [&](int64_t first, int64_t last) { tables.gather(first, last); });
+  return {group_mean, group_var};
 }
 
-// In parallel over groups: each group is read and written on its own.
-std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys_in,
+std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys,
                                                      const at::Tensor& key_count,
                                                      const at::Tensor& key_mean,
                                                      const at::Tensor& key_var,
                                                      const at::Tensor& hist_mean,
                                                      const at::Tensor& hist_var,
                                                      int64_t key_min_history) {
-  check_keyed_history_inputs(keys_in, key_count, key_mean, key_var, hist_mean, hist_var,
+  check_keyed_history_inputs(keys, key_count, key_mean, key_var, hist_mean, hist_var,
                              key_min_history);
-  const at::Tensor keys = keys_in.contiguous();
-  at::Tensor group_mean, group_var;
-  const KeyTables tables = key_tables(keys, key_count, key_mean, key_var, hist_mean, hist_var,
-                                      key_min_history, group_mean, group_var);
-  at::parallel_for(0, keys.numel(), kGatherGrain,
-                   [&](int64_t first, int64_t last) { tables.gather(first, last); });
-  return {group_mean, group_var};
+  return gather_key_history(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+                            key_min_history);
 }
 
-// The forward of a keyed call, its checks done and `keys` contiguous: each group's history is
-// gathered from the key tables as the forward reaches the group.
+// The gather, then the forward blending each group with its gathered history; the checks done.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 keyed_forward_cpu(const GroupInputs& in, int64_t group_size, const at::Tensor& keys,
                   const at::Tensor& key_count, const at::Tensor& key_mean,
                   const at::Tensor& key_var, const at::Tensor& hist_mean,
                   const at::Tensor& hist_var, int64_t key_min_history, double eps) {
-  at::Tensor group_hist_mean, group_hist_var;
-  const KeyedCpuHistory history{key_tables(keys, key_count, key_mean, key_var, hist_mean,
-                                           hist_var, key_min_history, group_hist_mean,
-                                           group_hist_var)};
-  auto [advantages, group_mean, group_std, beta] = forward_cpu(in, group_size, history, eps);
+  auto [group_hist_mean, group_hist_var] = gather_key_history(
+      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
+  auto [advantages, group_mean, group_std, beta] =
+      forward_cpu(in, group_size, cpu_history(group_hist_mean, group_hist_var), eps);
   return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
 }
 
@@ -1120,8 +1093,8 @@ keyed_group_advantages_cpu(const at::Tensor& rewards, const std::optional<at::Te
   const GroupInputs in =
       prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
   check_group_keys(keys, rewards, in.num_groups);
-  return keyed_forward_cpu(in, group_size, keys.contiguous(), key_count, key_mean, key_var,
-                           hist_mean, hist_var, key_min_history, eps);
+  return keyed_forward_cpu(in, group_size, keys, key_count, key_mean, key_var, hist_mean,
+                           hist_var, key_min_history, eps);
 }
 
 // Visits of keys in [first_key, last_key) by the groups in order (see visit_key).

@@ -33,8 +33,7 @@ TORCH_LIBRARY(bv_blend, m) {
   // keyed_history and group_advantages in one op: the advantages and statistics of
   // group_advantages, then each group's H and σ_u² as keyed_history gives them (the gradient
   // treats them as constants). One op rather than two calls, because each entry from Python
-  // costs microseconds, and because on CPU the gather then runs inside the forward's loop over
-  // groups, which reads each group's history as it gathers it.
+  // costs microseconds.
   m.def(
       "keyed_group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
       "Tensor key_count, Tensor key_mean, Tensor key_var, Tensor hist_mean, Tensor hist_var, "
