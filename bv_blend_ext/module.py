@@ -4,6 +4,7 @@ step runs without host synchronisation and can be captured in a CUDA graph."""
 from __future__ import annotations
 
 import math
+import mmap
 from numbers import Real
 from typing import NamedTuple
 
@@ -15,6 +16,28 @@ from .reference import (DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE, SCALE_MODES, Blend
                         default_ema_decay)
 
 KEY_TABLES = ("key_count", "key_mean", "key_var")
+HUGE_PAGE = 1 << 21  # a transparent huge page where base pages are 4 KiB (x86-64, most arm64)
+
+
+def key_table(num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed (num_keys,) CPU table of the per-key history, a plain contiguous tensor whose
+    storage holds exactly its elements. A keyed step reads and writes each group's entry in three
+    such tables at random places: with 4 KiB pages nearly every access to a table of 10^6 keys
+    (8 MB) also misses the TLB, about 3 us of a 26 us step at 1024 groups on the benchmark
+    machine. Where the system grants transparent huge pages on request (Linux, THP "madvise" or
+    "always"), a table of at least one huge page lives in an anonymous mapping advised for them,
+    its data aligned to one; the kernel zeroes the pages as they are first touched."""
+    nbytes = num_keys * dtype.itemsize
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(num_keys, dtype=dtype)
+    # Private, like any allocation (a forked process gets a copy on write).
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # no THP in this kernel: the mapping still serves, with base pages
+        pass
+    start = -torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() % HUGE_PAGE
+    return torch.frombuffer(mapping, dtype=dtype, count=num_keys, offset=start)
 
 
 class BlendStep(NamedTuple):
@@ -66,9 +89,9 @@ class BVBlend(torch.nn.Module):
         self.register_buffer("var", torch.zeros((), dtype=torch.float64))
         if num_keys is not None:
             # O(K): a count and two EMA moments per key, no ring.
-            self.register_buffer("key_count", torch.zeros(num_keys, dtype=torch.int64))
-            self.register_buffer("key_mean", torch.zeros(num_keys, dtype=torch.float64))
-            self.register_buffer("key_var", torch.zeros(num_keys, dtype=torch.float64))
+            self.register_buffer("key_count", key_table(num_keys, torch.int64))
+            self.register_buffer("key_mean", key_table(num_keys, torch.float64))
+            self.register_buffer("key_var", key_table(num_keys, torch.float64))
 
     @property
     def history_mean(self) -> torch.Tensor:

@@ -4,6 +4,8 @@ reference.KeyedHistoryReference: the CPU lane and per-group paths, thread-count 
 validation, state_dict, torch.compile, opcheck, and (with a GPU) CUDA parity, determinism and
 graph capture."""
 
+import io
+
 import pytest
 import torch
 
@@ -328,6 +330,29 @@ def test_bad_keys_are_rejected_naming_keys_without_state_change(case):
     with raises_naming("keys", ValueError):
         est.step(rewards, group_size=2, keys=BAD_KEYS[case])
     assert_same_state(before, est)
+
+
+def test_large_key_tables_are_plain_tensors():
+    """Tables of more than a huge page live in their own mapping (module.key_table); they must
+    still be zeroed, contiguous (K,) tensors whose storage, which torch.save writes whole, holds
+    exactly their elements."""
+    num_keys = 300_000  # 2.4 MB per table
+    est = bv_blend_ext.BVBlend(num_keys=num_keys)
+    for name in ("key_count", "key_mean", "key_var"):
+        table = est.state_dict()[name]
+        assert table.shape == (num_keys,) and table.is_contiguous()
+        assert table.storage_offset() == 0
+        assert table.untyped_storage().nbytes() == num_keys * table.element_size()
+        assert not table.any()
+    est(torch.tensor([1.0, 0.0, 0.5, 0.25]), group_size=2, keys=torch.tensor([5, num_keys - 1]))
+    saved = io.BytesIO()
+    torch.save(est.state_dict(), saved)
+    assert saved.tell() < 3.1 * num_keys * 8
+    other = bv_blend_ext.BVBlend(num_keys=num_keys)
+    other.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+    assert_same_state(state_of(est), other)
+    est.reset()
+    assert not est.key_count.any() and not est.key_mean.any()
 
 
 def test_keys_given_to_an_unkeyed_estimator_are_rejected():
