@@ -708,6 +708,35 @@ def test_cuda_keyed_step_matches_cpu():
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_keyed_step_op_is_the_two_ops_and_validates():
+    """keyed_step on CUDA: the forward and update launches of the two ops, bit for bit, and with
+    validate the checks of the values (one transfer) before any state changes."""
+    rewards, keys = next(cuda_keyed_calls(num_calls=1, num_groups=300, num_keys=5))
+    rewards, keys = rewards.cuda(), keys.cuda()
+    fused = [t.cuda() for t in keyed_state()]
+    apart = [t.cuda() for t in keyed_state()]
+    got = OPS.keyed_step(*keyed_step_args(rewards, None, 8, keys, fused))
+    count, mean, var, ring, pushed, ema, global_var = apart
+    want = OPS.keyed_group_advantages(rewards, None, 8, keys, count, mean, var, ema, global_var,
+                                      2, 1e-4, "blend")
+    OPS.update_keyed_history(want[1], keys, count, mean, var, 0.25, ring, pushed, ema,
+                             global_var, 0.3, 2)
+    assert all(torch.equal(bits(a.cpu()), bits(b.cpu())) for a, b in zip(got, want))
+    assert all(torch.equal(bits(a.cpu()), bits(b.cpu())) for a, b in zip(fused, apart))
+    for case in ("key above", "key below", "offsets start", "offsets end", "offsets decrease"):
+        changes, argument = KEYED_STEP_BAD[case]
+        offsets = changes.get("offsets", torch.tensor([0, 3, 4, 6])).cuda()
+        bad_keys = changes.get("keys", torch.tensor([0, 4, 1])).cuda()
+        state = [t.cuda() for t in keyed_state()]
+        before = [t.clone() for t in state]
+        with raises_naming(argument, ValueError):
+            OPS.keyed_step(*keyed_step_args(torch.arange(6.0, device="cuda"), offsets, 0,
+                                            bad_keys, state))
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(state, before))
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_keyed_step_is_deterministic():
     runs = []
     for _ in range(2):
