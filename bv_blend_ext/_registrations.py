@@ -82,3 +82,12 @@ def _keyed_group_advantages_fake(rewards, offsets, group_size, keys, key_count, 
     history = rewards.new_empty((num_groups,), dtype=torch.float64)
     return (rewards.new_empty(rewards.shape), stats, torch.empty_like(stats),
             torch.empty_like(stats), history, torch.empty_like(history))
+
+
+@torch.library.register_fake("bv_blend::keyed_step")
+def _keyed_step_fake(rewards, offsets, group_size, keys, key_count, key_mean, key_var, key_alpha,
+                     key_min_history, ring, count, ema, var, alpha, min_history, eps, scale,
+                     validate):
+    _check_devices(rewards, ring=ring, count=count)
+    return _keyed_group_advantages_fake(rewards, offsets, group_size, keys, key_count, key_mean,
+                                        key_var, ema, var, key_min_history, eps, scale)

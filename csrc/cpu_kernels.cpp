@@ -606,10 +606,12 @@ double cpu_dot(const at::Tensor& a_in, const at::Tensor& b_in) {
 // arrays), so nearly every table read misses the cache. The gather is a tight loop without
 // dependences between groups, so the out-of-order core already keeps many of its misses in
 // flight (software prefetch measured no faster there, nor inside the forward's loop, where the
-// misses of the gather did not overlap with the arithmetic); the update's longer, branchy body
-// does gain from prefetching the entries of the group kPrefetchDistance ahead when it runs on its
-// own (a third faster at K = 10^6). In a keyed step it mostly finds the lines the gather brought
-// in, and the prefetch makes no measurable difference.
+// misses of the gather did not overlap with the arithmetic: gathering each group's history as
+// the forward reaches it, with or without prefetch, made a keyed step at 16384 groups, whose
+// lines come from DRAM, 1.4x slower, and one at 1024 no faster); the update's longer, branchy
+// body does gain from prefetching the entries of the group kPrefetchDistance ahead when it runs on
+// its own (a third faster at K = 10^6). In a keyed step it mostly finds the lines the gather
+// brought in, and the prefetch makes no measurable difference.
 constexpr int64_t kPrefetchDistance = 32;
 
 // Groups per task of the gather: the tables' misses, not the arithmetic, set its cost.
@@ -1066,7 +1068,19 @@ std::tuple<at::Tensor, at::Tensor> keyed_history_cpu(const at::Tensor& keys,
                             key_min_history);
 }
 
-// The gather, then the forward blending each group with its gathered history.
+// The gather, then the forward blending each group with its gathered history; the checks done.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+keyed_forward_cpu(const GroupInputs& in, int64_t group_size, const at::Tensor& keys,
+                  const at::Tensor& key_count, const at::Tensor& key_mean,
+                  const at::Tensor& key_var, const at::Tensor& hist_mean,
+                  const at::Tensor& hist_var, int64_t key_min_history, double eps) {
+  auto [group_hist_mean, group_hist_var] = gather_key_history(
+      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
+  auto [advantages, group_mean, group_std, beta] =
+      forward_cpu(in, group_size, cpu_history(group_hist_mean, group_hist_var), eps);
+  return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 keyed_group_advantages_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
                            int64_t group_size, const at::Tensor& keys,
@@ -1079,11 +1093,8 @@ keyed_group_advantages_cpu(const at::Tensor& rewards, const std::optional<at::Te
   const GroupInputs in =
       prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
   check_group_keys(keys, rewards, in.num_groups);
-  auto [group_hist_mean, group_hist_var] = gather_key_history(
-      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
-  auto [advantages, group_mean, group_std, beta] =
-      forward_cpu(in, group_size, cpu_history(group_hist_mean, group_hist_var), eps);
-  return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
+  return keyed_forward_cpu(in, group_size, keys, key_count, key_mean, key_var, hist_mean,
+                           hist_var, key_min_history, eps);
 }
 
 // Visits of keys in [first_key, last_key) by the groups in order (see visit_key).
@@ -1105,15 +1116,11 @@ void visit_keys(const acc_t* group_mean, const int64_t* keys, int64_t num_groups
   }
 }
 
-void update_keyed_history_cpu(const at::Tensor& group_mean_in, const at::Tensor& keys_in,
-                              at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
-                              double key_alpha, at::Tensor& ring, at::Tensor& count,
-                              at::Tensor& ema, at::Tensor& var, double alpha,
-                              int64_t min_history) {
-  check_history_inputs(group_mean_in, ring, count, ema, var, alpha, min_history);
-  check_keyed_update_inputs(group_mean_in, keys_in, key_count, key_mean, key_var, key_alpha);
-  const at::Tensor group_mean = group_mean_in.contiguous();
-  const at::Tensor keys = keys_in.contiguous();
+// The update of a keyed call, its checks done and group_mean and keys contiguous.
+void keyed_update_cpu(const at::Tensor& group_mean, const at::Tensor& keys, at::Tensor& key_count,
+                      at::Tensor& key_mean, at::Tensor& key_var, double key_alpha,
+                      at::Tensor& ring, at::Tensor& count, at::Tensor& ema, at::Tensor& var,
+                      double alpha, int64_t min_history) {
   const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
   AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_keyed_history_cpu", [&] {
     const scalar_t* means = group_mean.const_data_ptr<scalar_t>();
@@ -1138,6 +1145,66 @@ void update_keyed_history_cpu(const at::Tensor& group_mean_in, const at::Tensor&
   update_global_history(group_mean, ring, count, ema, var, alpha, min_history);
 }
 
+void update_keyed_history_cpu(const at::Tensor& group_mean, const at::Tensor& keys,
+                              at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
+                              double key_alpha, at::Tensor& ring, at::Tensor& count,
+                              at::Tensor& ema, at::Tensor& var, double alpha,
+                              int64_t min_history) {
+  check_history_inputs(group_mean, ring, count, ema, var, alpha, min_history);
+  check_keyed_update_inputs(group_mean, keys, key_count, key_mean, key_var, key_alpha);
+  keyed_update_cpu(group_mean.contiguous(), keys.contiguous(), key_count, key_mean, key_var,
+                   key_alpha, ring, count, ema, var, alpha, min_history);
+}
+
+// keyed_step's validation on the host, where reading the values costs no transfer: the offsets,
+// then the keys. A key k lies in [0, num_keys) exactly when neither k nor num_keys - 1 - k
+// (modulo 2^64) has its top bit set, so one OR over the keys (which vectorises) decides; only a
+// failing call pays for the smallest and largest key, which the message names.
+void validate_keyed_step_cpu(const std::optional<at::Tensor>& offsets, int64_t num_rewards,
+                             const int64_t* keys, int64_t num_groups, int64_t num_keys) {
+  if (offsets.has_value()) {
+    const at::Tensor bounds = offsets->contiguous();
+    const int64_t* o = bounds.const_data_ptr<int64_t>();
+    bool decreasing = false;
+    for (int64_t i = 1; i < bounds.numel(); ++i) decreasing |= o[i] < o[i - 1];
+    check_offset_values(o[0], o[bounds.numel() - 1], decreasing, num_rewards);
+  }
+  uint64_t bits = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const auto key = static_cast<uint64_t>(keys[g]);
+    bits |= key | (static_cast<uint64_t>(num_keys - 1) - key);
+  }
+  if (bits >> 63) {
+    const auto [low, high] = std::minmax_element(keys, keys + num_groups);
+    check_key_range(*low, *high, num_keys);
+  }
+}
+
+// Every check (and with validate, the values), then the forward, then the update with its group
+// means: keyed_group_advantages and update_keyed_history in one call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+keyed_step_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
+               int64_t group_size, const at::Tensor& keys_in, at::Tensor& key_count,
+               at::Tensor& key_mean, at::Tensor& key_var, double key_alpha,
+               int64_t key_min_history, at::Tensor& ring, at::Tensor& count, at::Tensor& ema,
+               at::Tensor& var, double alpha, int64_t min_history, double eps,
+               c10::string_view scale, bool validate) {
+  const GroupInputs in =
+      prepare_group_inputs(rewards, offsets, group_size, ema, var, eps, scale);
+  check_keyed_step_inputs(rewards, in.num_groups, keys_in, key_count, key_mean, key_var,
+                          key_alpha, key_min_history, ring, count, ema, var, alpha, min_history);
+  const at::Tensor keys = keys_in.contiguous();
+  if (validate) {
+    validate_keyed_step_cpu(offsets, rewards.numel(), keys.const_data_ptr<int64_t>(),
+                            in.num_groups, key_count.numel());
+  }
+  auto out = keyed_forward_cpu(in, group_size, keys, key_count, key_mean, key_var, ema, var,
+                               key_min_history, eps);
+  keyed_update_cpu(std::get<1>(out), keys, key_count, key_mean, key_var, key_alpha, ring, count,
+                   ema, var, alpha, min_history);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bv_blend, CPU, m) {
@@ -1147,6 +1214,7 @@ TORCH_LIBRARY_IMPL(bv_blend, CPU, m) {
   m.impl("keyed_history", &keyed_history_cpu);
   m.impl("keyed_group_advantages", &keyed_group_advantages_cpu);
   m.impl("update_keyed_history", &update_keyed_history_cpu);
+  m.impl("keyed_step", &keyed_step_cpu);
 }
 
 }  // namespace bv_blend

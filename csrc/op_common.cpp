@@ -151,6 +151,12 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                     as_text(group_mean.sizes()));
   TORCH_CHECK_TYPE(group_mean.scalar_type() == at::kFloat || group_mean.scalar_type() == at::kDouble,
                    "group_mean must be float32 or float64, got ", group_mean.scalar_type());
+  check_history_state(ring, count, ema, var, alpha, min_history, group_mean, "group_mean's");
+}
+
+void check_history_state(const at::Tensor& ring, const at::Tensor& count, const at::Tensor& ema,
+                         const at::Tensor& var, double alpha, int64_t min_history,
+                         const at::Tensor& owner, const char* owner_name) {
   TORCH_CHECK_VALUE(ring.dim() == 1 && ring.numel() >= 2, "ring must be 1-D with window >= 2 ",
                     "entries, got shape ", as_text(ring.sizes()));
   TORCH_CHECK_TYPE(ring.scalar_type() == at::kDouble && ema.scalar_type() == at::kDouble &&
@@ -162,9 +168,8 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                     "count, ema and var must be 0-dim tensors");
   TORCH_CHECK_VALUE(ring.is_contiguous(), "ring must be contiguous");
   for (const at::Tensor* t : {&ring, &count, &ema, &var}) {
-    TORCH_CHECK_VALUE(t->device() == group_mean.device(),
-                      "history state must be on group_mean's device (", group_mean.device(),
-                      "), got ", t->device());
+    TORCH_CHECK_VALUE(t->device() == owner.device(), "history state must be on ", owner_name,
+                      " device (", owner.device(), "), got ", t->device());
   }
   TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "ema_decay (alpha) must be in (0, 1], got ",
                     as_text(alpha));
@@ -222,6 +227,10 @@ void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& k
                     as_text(keys.sizes()));
   TORCH_CHECK_VALUE(keys.device() == group_mean.device(), "keys must be on group_mean's device (",
                     group_mean.device(), "), got ", keys.device());
+  check_key_alpha(key_alpha);
+}
+
+void check_key_alpha(double key_alpha) {
   TORCH_CHECK_VALUE(key_alpha > 0 && key_alpha <= 1,
                     "key_ema_decay (key_alpha) must be in (0, 1], got ", as_text(key_alpha));
 }
@@ -231,6 +240,29 @@ void check_group_keys(const at::Tensor& keys, const at::Tensor& rewards, int64_t
                     as_text(num_groups), ",), one per group, got ", as_text(keys.sizes()));
   TORCH_CHECK_VALUE(keys.device() == rewards.device(), "keys must be on the rewards' device (",
                     rewards.device(), "), got ", keys.device());
+}
+
+void check_keyed_step_inputs(const at::Tensor& rewards, int64_t num_groups, const at::Tensor& keys,
+                             const at::Tensor& key_count, const at::Tensor& key_mean,
+                             const at::Tensor& key_var, double key_alpha, int64_t key_min_history,
+                             const at::Tensor& ring, const at::Tensor& count, const at::Tensor& ema,
+                             const at::Tensor& var, double alpha, int64_t min_history) {
+  check_keyed_history_inputs(keys, key_count, key_mean, key_var, ema, var, key_min_history);
+  check_group_keys(keys, rewards, num_groups);
+  check_history_state(ring, count, ema, var, alpha, min_history, rewards, "the rewards'");
+  check_key_alpha(key_alpha);
+}
+
+void check_key_range(int64_t low, int64_t high, int64_t num_keys) {
+  TORCH_CHECK_VALUE(low >= 0 && high < num_keys, "keys must be in [0, num_keys) = [0, ",
+                    as_text(num_keys), "), got ", as_text(low < 0 ? low : high));
+}
+
+void check_offset_values(int64_t first, int64_t last, bool decreasing, int64_t num_rewards) {
+  TORCH_CHECK_VALUE(first == 0, "offsets must start at 0, got offsets[0] = ", as_text(first));
+  TORCH_CHECK_VALUE(last == num_rewards, "offsets must end at the number of rewards (",
+                    as_text(num_rewards), "), got offsets[-1] = ", as_text(last));
+  TORCH_CHECK_VALUE(!decreasing, "offsets must be non-decreasing");
 }
 
 }  // namespace bv_blend

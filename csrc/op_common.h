@@ -61,6 +61,12 @@ void check_history_inputs(const at::Tensor& group_mean, const at::Tensor& ring,
                           const at::Tensor& count, const at::Tensor& ema, const at::Tensor& var,
                           double alpha, int64_t min_history);
 
+// check_history_inputs' checks of the state, which must be on the device of `owner` (its name in
+// the messages).
+void check_history_state(const at::Tensor& ring, const at::Tensor& count, const at::Tensor& ema,
+                         const at::Tensor& var, double alpha, int64_t min_history,
+                         const at::Tensor& owner, const char* owner_name);
+
 // The per-key tables (key_count (K,) int64, key_mean and key_var (K,) float64, contiguous) on the
 // device of `keys` (G,) int64.
 void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
@@ -80,5 +86,22 @@ void check_keyed_update_inputs(const at::Tensor& group_mean, const at::Tensor& k
 
 // keyed_group_advantages: one key per group, on the rewards' device.
 void check_group_keys(const at::Tensor& keys, const at::Tensor& rewards, int64_t num_groups);
+
+// key_ema_decay (key_alpha) in (0, 1].
+void check_key_alpha(double key_alpha);
+
+// keyed_step's checks beyond those of check_group_inputs (with ema and var as the history): the
+// keys, tables and state as keyed_group_advantages and update_keyed_history check them.
+void check_keyed_step_inputs(const at::Tensor& rewards, int64_t num_groups, const at::Tensor& keys,
+                             const at::Tensor& key_count, const at::Tensor& key_mean,
+                             const at::Tensor& key_var, double key_alpha, int64_t key_min_history,
+                             const at::Tensor& ring, const at::Tensor& count, const at::Tensor& ema,
+                             const at::Tensor& var, double alpha, int64_t min_history);
+
+// keyed_step's validation of values, with the Python validation's messages (ValueError):
+// from the smallest and largest key, both in [0, num_keys); from offsets' first and last value
+// and whether they ever decrease, offsets starting at 0, ending at N and non-decreasing.
+void check_key_range(int64_t low, int64_t high, int64_t num_keys);
+void check_offset_values(int64_t first, int64_t last, bool decreasing, int64_t num_rewards);
 
 }  // namespace bv_blend

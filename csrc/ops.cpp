@@ -33,8 +33,7 @@ TORCH_LIBRARY(bv_blend, m) {
   // keyed_history and group_advantages in one op: the advantages and statistics of
   // group_advantages, then each group's H and σ_u² as keyed_history gives them (the gradient
   // treats them as constants). One op rather than two calls, because each entry from Python
-  // costs microseconds, and because on CPU the gather then runs inside the forward's loop over
-  // groups, where the forward's arithmetic hides the key tables' cache misses.
+  // costs microseconds.
   m.def(
       "keyed_group_advantages(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
       "Tensor key_count, Tensor key_mean, Tensor key_var, Tensor hist_mean, Tensor hist_var, "
@@ -47,4 +46,19 @@ TORCH_LIBRARY(bv_blend, m) {
       "update_keyed_history(Tensor group_mean, Tensor keys, Tensor(a!) key_count, "
       "Tensor(b!) key_mean, Tensor(c!) key_var, float key_alpha, Tensor(d!) ring, "
       "Tensor(e!) count, Tensor(f!) ema, Tensor(g!) var, float alpha, int min_history) -> ()");
+  // A whole keyed step: keyed_group_advantages with the global ema and var as its history, then
+  // update_keyed_history with the group means it computed; its outputs are those of
+  // keyed_group_advantages. validate: the values Python's validation reads (offsets start at 0,
+  // end at N and never decrease; keys in [0, num_keys)) are checked first, a ValueError naming
+  // the argument, so that a bad call changes no state. One op rather than two because each entry
+  // from Python costs microseconds. BVBlend calls it on the host, where reading those values
+  // costs no transfer; on CUDA validate synchronises once, and BVBlend keeps the two ops there,
+  // validating between them as before.
+  m.def(
+      "keyed_step(Tensor rewards, Tensor? offsets, int group_size, Tensor keys, "
+      "Tensor(a!) key_count, Tensor(b!) key_mean, Tensor(c!) key_var, float key_alpha, "
+      "int key_min_history, Tensor(d!) ring, Tensor(e!) count, Tensor(f!) ema, Tensor(g!) var, "
+      "float alpha, int min_history, float eps, str scale, bool validate) -> (Tensor advantages, "
+      "Tensor group_mean, Tensor group_std, Tensor beta, Tensor group_hist_mean, "
+      "Tensor group_hist_var)");
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../op_common.h"
 #include "launchers.h"
@@ -220,6 +221,55 @@ void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor
   });
 }
 
+// keyed_step's validation: the values Python's check_values reads, in one transfer (the one
+// synchronisation of a validated step).
+void validate_keyed_step_cuda(const std::optional<at::Tensor>& offsets, int64_t num_rewards,
+                              const at::Tensor& keys, int64_t num_keys) {
+  std::vector<at::Tensor> probes;
+  if (offsets.has_value()) {
+    const at::Tensor& o = *offsets;
+    const int64_t n = o.numel();
+    const at::Tensor decreasing = at::lt(o.slice(0, 1, n), o.slice(0, 0, n - 1)).any();
+    probes.insert(probes.end(), {o[0], o[n - 1], decreasing});
+  }
+  if (keys.numel() > 0) {
+    const auto [low, high] = at::aminmax(keys);
+    probes.insert(probes.end(), {low, high});
+  }
+  if (probes.empty()) return;
+  for (at::Tensor& probe : probes) probe = probe.to(at::kLong);
+  const at::Tensor values = at::stack(probes).cpu();
+  const int64_t* v = values.const_data_ptr<int64_t>();
+  if (offsets.has_value()) {
+    check_offset_values(v[0], v[1], v[2] != 0, num_rewards);
+    v += 3;
+  }
+  if (keys.numel() > 0) check_key_range(v[0], v[1], num_keys);
+}
+
+// The keyed forward, then the keyed update with the group means it computed: launches only, unless
+// validate reads the values first.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> keyed_step_cuda(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& offsets, int64_t group_size,
+    const at::Tensor& keys, at::Tensor& key_count, at::Tensor& key_mean, at::Tensor& key_var,
+    double key_alpha, int64_t key_min_history, at::Tensor& ring, at::Tensor& count,
+    at::Tensor& ema, at::Tensor& var, double alpha, int64_t min_history, double eps,
+    c10::string_view scale, bool validate) {
+  parse_scale(scale);
+  const int64_t num_groups = check_group_inputs(rewards, offsets, group_size, ema, var, eps);
+  check_keyed_step_inputs(rewards, num_groups, keys, key_count, key_mean, key_var, key_alpha,
+                          key_min_history, ring, count, ema, var, alpha, min_history);
+  if (validate) {
+    const c10::cuda::CUDAGuard guard(rewards.device());
+    validate_keyed_step_cuda(offsets, rewards.numel(), keys, key_count.numel());
+  }
+  auto out = keyed_group_advantages_cuda(rewards, offsets, group_size, keys, key_count, key_mean,
+                                         key_var, ema, var, key_min_history, eps, scale);
+  update_keyed_history_cuda(std::get<1>(out), keys, key_count, key_mean, key_var, key_alpha, ring,
+                            count, ema, var, alpha, min_history);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bv_blend, CUDA, m) {
@@ -229,6 +279,7 @@ TORCH_LIBRARY_IMPL(bv_blend, CUDA, m) {
   m.impl("keyed_history", &keyed_history_cuda);
   m.impl("keyed_group_advantages", &keyed_group_advantages_cuda);
   m.impl("update_keyed_history", &update_keyed_history_cuda);
+  m.impl("keyed_step", &keyed_step_cuda);
 }
 
 }  // namespace bv_blend

@@ -4,6 +4,8 @@ reference.KeyedHistoryReference: the CPU lane and per-group paths, thread-count 
 validation, state_dict, torch.compile, opcheck, and (with a GPU) CUDA parity, determinism and
 graph capture."""
 
+import io
+
 import pytest
 import torch
 
@@ -330,6 +332,29 @@ def test_bad_keys_are_rejected_naming_keys_without_state_change(case):
     assert_same_state(before, est)
 
 
+def test_large_key_tables_are_plain_tensors():
+    """Tables of more than a huge page live in their own mapping (module.key_table); they must
+    still be zeroed, contiguous (K,) tensors whose storage, which torch.save writes whole, holds
+    exactly their elements."""
+    num_keys = 300_000  # 2.4 MB per table
+    est = bv_blend_ext.BVBlend(num_keys=num_keys)
+    for name in ("key_count", "key_mean", "key_var"):
+        table = est.state_dict()[name]
+        assert table.shape == (num_keys,) and table.is_contiguous()
+        assert table.storage_offset() == 0
+        assert table.untyped_storage().nbytes() == num_keys * table.element_size()
+        assert not table.any()
+    est(torch.tensor([1.0, 0.0, 0.5, 0.25]), group_size=2, keys=torch.tensor([5, num_keys - 1]))
+    saved = io.BytesIO()
+    torch.save(est.state_dict(), saved)
+    assert saved.tell() < 3.1 * num_keys * 8
+    other = bv_blend_ext.BVBlend(num_keys=num_keys)
+    other.load_state_dict(torch.load(io.BytesIO(saved.getvalue())))
+    assert_same_state(state_of(est), other)
+    est.reset()
+    assert not est.key_count.any() and not est.key_mean.any()
+
+
 def test_keys_given_to_an_unkeyed_estimator_are_rejected():
     est = bv_blend_ext.BVBlend()
     with raises_naming("keys", ValueError):
@@ -462,6 +487,78 @@ def test_keyed_group_advantages_is_the_gather_then_the_blend(layout, scale):
     torch.autograd.gradcheck(lambda r: OPS.keyed_group_advantages(r, *args[1:])[0], (rewards,))
     with raises_naming("keys"):
         OPS.keyed_group_advantages(rewards, offsets, group_size, keys[:1], *args[4:])
+
+
+def keyed_state(num_keys=5):
+    """A keyed step's mutable state: the key tables, then ring, count, ema and var."""
+    return [*key_tables(num_keys), torch.tensor([0.5, 1.5, 0.0, 0.0], dtype=torch.float64),
+            torch.tensor(2), torch.tensor(0.2, dtype=torch.float64),
+            torch.tensor(0.6, dtype=torch.float64)]
+
+
+def keyed_step_args(rewards, offsets, group_size, keys, state, scale="blend", validate=True):
+    count, mean, var, ring, pushed, ema, global_var = state
+    return (rewards, offsets, group_size, keys, count, mean, var, 0.25, 2, ring, pushed, ema,
+            global_var, 0.3, 2, 1e-4, scale, validate)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("layout", ("fixed", "ragged"))
+def test_keyed_step_is_the_keyed_forward_then_the_keyed_update(layout, scale):
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2, NAN, NAN, 0.7, 0.1],
+                           requires_grad=True)
+    offsets, group_size = ((None, 2) if layout == "fixed" else
+                           (torch.tensor([0, 3, 4, 8, 10, 10, 12]), 0))
+    keys = torch.tensor([1, 4, 1, 0, 9, -1])  # a duplicate, and two outside [0, 5)
+    fused, apart = keyed_state(), keyed_state()
+    got = OPS.keyed_step(*keyed_step_args(rewards, offsets, group_size, keys, fused, scale,
+                                          validate=False))
+    count, mean, var, ring, pushed, ema, global_var = apart
+    want = OPS.keyed_group_advantages(rewards, offsets, group_size, keys, count, mean, var, ema,
+                                      global_var, 2, 1e-4, scale)
+    OPS.update_keyed_history(want[1], keys, count, mean, var, 0.25, ring, pushed, ema,
+                             global_var, 0.3, 2)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(fused, apart))
+    (grad,) = torch.autograd.grad(got[0].sum(), rewards)
+    (want_grad,) = torch.autograd.grad(want[0].sum(), rewards)
+    assert torch.equal(bits(grad), bits(want_grad))
+    # (opcheck compares outputs without equal_nan: no group without a valid reward here.)
+    valid = rewards.detach().nan_to_num(0.5).requires_grad_()
+    nonempty = None if offsets is None else torch.tensor([0, 3, 4, 8, 10, 11, 12])
+    torch.library.opcheck(OPS.keyed_step.default,
+                          keyed_step_args(valid, nonempty, group_size, keys, keyed_state(), scale,
+                                          validate=False))
+
+
+KEYED_STEP_BAD = {
+    "key above": (dict(keys=torch.tensor([0, 5, 1])), "keys"),
+    "key below": (dict(keys=torch.tensor([-1, 0, 1])), "keys"),
+    "offsets start": (dict(offsets=torch.tensor([1, 3, 4, 6])), "offsets"),
+    "offsets end": (dict(offsets=torch.tensor([0, 3, 4, 5])), "offsets"),
+    "offsets decrease": (dict(offsets=torch.tensor([0, 4, 3, 6])), "offsets"),
+    "keys short": (dict(keys=torch.tensor([0, 1])), "keys"),
+    "ring float32": (dict(ring=torch.zeros(4)), "ring"),
+    "key_alpha": (dict(key_alpha=0.0), "key_alpha|key_ema_decay"),
+}
+
+
+@pytest.mark.parametrize("case", KEYED_STEP_BAD)
+def test_keyed_step_checks_and_validates_before_writing(case):
+    state = keyed_state()
+    names = ("key_count", "key_mean", "key_var", "ring", "count", "ema", "var")
+    args = dict(zip(("rewards", "offsets", "group_size", "keys"),
+                    (torch.arange(6.0), torch.tensor([0, 3, 4, 6]), 0, torch.tensor([0, 4, 1]))))
+    args.update(zip(names, state))
+    args.update(key_alpha=0.25, key_min_history=2, alpha=0.3, min_history=2, eps=1e-4,
+                scale="blend", validate=True)
+    before = [t.clone() for t in state]
+    changes, argument = KEYED_STEP_BAD[case]
+    with raises_naming(argument):
+        OPS.keyed_step(**{**args, **changes})
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(state, before))
+    if case.startswith(("key ", "offsets")):  # values: unvalidated, the step runs
+        OPS.keyed_step(**{**args, **changes, "validate": False})
 
 
 @pytest.mark.parametrize("layout", ("fixed", "ragged"))
@@ -607,6 +704,35 @@ def test_cuda_keyed_step_matches_cpu():
     for name in ("key_count", "key_mean", "key_var", "ring", "count"):
         assert torch.equal(bits(getattr(cpu_est, name)), bits(getattr(gpu_est, name).cpu())), name
     torch.testing.assert_close(gpu_est.ema.cpu(), cpu_est.ema, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_keyed_step_op_is_the_two_ops_and_validates():
+    """keyed_step on CUDA: the forward and update launches of the two ops, bit for bit, and with
+    validate the checks of the values (one transfer) before any state changes."""
+    rewards, keys = next(cuda_keyed_calls(num_calls=1, num_groups=300, num_keys=5))
+    rewards, keys = rewards.cuda(), keys.cuda()
+    fused = [t.cuda() for t in keyed_state()]
+    apart = [t.cuda() for t in keyed_state()]
+    got = OPS.keyed_step(*keyed_step_args(rewards, None, 8, keys, fused))
+    count, mean, var, ring, pushed, ema, global_var = apart
+    want = OPS.keyed_group_advantages(rewards, None, 8, keys, count, mean, var, ema, global_var,
+                                      2, 1e-4, "blend")
+    OPS.update_keyed_history(want[1], keys, count, mean, var, 0.25, ring, pushed, ema,
+                             global_var, 0.3, 2)
+    assert all(torch.equal(bits(a.cpu()), bits(b.cpu())) for a, b in zip(got, want))
+    assert all(torch.equal(bits(a.cpu()), bits(b.cpu())) for a, b in zip(fused, apart))
+    for case in ("key above", "key below", "offsets start", "offsets end", "offsets decrease"):
+        changes, argument = KEYED_STEP_BAD[case]
+        offsets = changes.get("offsets", torch.tensor([0, 3, 4, 6])).cuda()
+        bad_keys = changes.get("keys", torch.tensor([0, 4, 1])).cuda()
+        state = [t.cuda() for t in keyed_state()]
+        before = [t.clone() for t in state]
+        with raises_naming(argument, ValueError):
+            OPS.keyed_step(*keyed_step_args(torch.arange(6.0, device="cuda"), offsets, 0,
+                                            bad_keys, state))
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(state, before))
 
 
 @pytest.mark.cuda
