@@ -15,21 +15,28 @@ from .functional import check_call, check_eps, check_values
 from .reference import (DEFAULT_KEY_EMA_DECAY, DEFAULT_SCALE, SCALE_MODES, BlendOutput,
                         default_ema_decay)
 
+HISTORY_BUFFERS = ("ring", "count", "ema", "var")
 KEY_TABLES = ("key_count", "key_mean", "key_var")
+# A key's record: its count (int64), the bits of its two moments (float64) and a spare word, so
+# that records of 32 bytes never straddle a 64-byte cache line.
+KEY_RECORD_WORDS = 4
 HUGE_PAGE = 1 << 21  # a transparent huge page where base pages are 4 KiB (x86-64, most arm64)
 
 
-def key_table(num_keys: int, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed (num_keys,) CPU table of the per-key history, a plain contiguous tensor whose
-    storage holds exactly its elements. A keyed step reads and writes each group's entry in three
-    such tables at random places: with 4 KiB pages nearly every access to a table of 10^6 keys
-    (8 MB) also misses the TLB, about 3 us of a 26 us step at 1024 groups on the benchmark
-    machine. Where the system grants transparent huge pages on request (Linux, THP "madvise" or
-    "always"), a table of at least one huge page lives in an anonymous mapping advised for them,
-    its data aligned to one; the kernel zeroes the pages as they are first touched."""
-    nbytes = num_keys * dtype.itemsize
+def key_records(num_keys: int) -> torch.Tensor:
+    """The zeroed (num_keys, KEY_RECORD_WORDS) int64 CPU records of the per-key history (see
+    key_tables). Keys are typically prompt ids met in random order, so a keyed step visits each
+    group's key at a random place in a table of 10^6 keys or more, where nearly every access
+    misses the cache. One record per key costs one miss per visit where three separate tables
+    cost three: about 6 us of a 30 us step at 1024 groups on the benchmark machine. With 4 KiB
+    pages nearly every such access also misses the TLB (about 3 us more), so where the system
+    grants transparent huge pages on request (Linux, THP "madvise" or "always"), records of at
+    least one huge page live in an anonymous mapping advised for them, their data aligned to one;
+    the kernel zeroes the pages as they are first touched."""
+    numel = num_keys * KEY_RECORD_WORDS
+    nbytes = numel * torch.int64.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(num_keys, dtype=dtype)
+        return torch.zeros(num_keys, KEY_RECORD_WORDS, dtype=torch.int64)
     # Private, like any allocation (a forked process gets a copy on write).
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
@@ -37,7 +44,16 @@ def key_table(num_keys: int, dtype: torch.dtype) -> torch.Tensor:
     except OSError:  # no THP in this kernel: the mapping still serves, with base pages
         pass
     start = -torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() % HUGE_PAGE
-    return torch.frombuffer(mapping, dtype=dtype, count=num_keys, offset=start)
+    records = torch.frombuffer(mapping, dtype=torch.int64, count=numel, offset=start)
+    return records.view(num_keys, KEY_RECORD_WORDS)
+
+
+def key_tables(records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """key_count (int64), key_mean and key_var (float64): (K,) views of the records' first three
+    columns, the tables the keyed ops read and write in place (all three with stride
+    KEY_RECORD_WORDS)."""
+    return (records[:, 0], records[:, 1].view(torch.float64),
+            records[:, 2].view(torch.float64))
 
 
 class BlendStep(NamedTuple):
@@ -88,10 +104,9 @@ class BVBlend(torch.nn.Module):
         self.register_buffer("ema", torch.tensor(self.initial_baseline, dtype=torch.float64))
         self.register_buffer("var", torch.zeros((), dtype=torch.float64))
         if num_keys is not None:
-            # O(K): a count and two EMA moments per key, no ring.
-            self.register_buffer("key_count", key_table(num_keys, torch.int64))
-            self.register_buffer("key_mean", key_table(num_keys, torch.float64))
-            self.register_buffer("key_var", key_table(num_keys, torch.float64))
+            # O(K): a count and two EMA moments per key, no ring. The state_dict holds them as the
+            # three tables, not as records (see _save_to_state_dict).
+            self.register_buffer("key_records", key_records(num_keys), persistent=False)
 
     @property
     def history_mean(self) -> torch.Tensor:
@@ -103,14 +118,54 @@ class BVBlend(torch.nn.Module):
         """σ_u² the next call uses: the ring's unbiased variance, 0 below min_history entries."""
         return self.var
 
+    @property
+    def key_count(self) -> torch.Tensor:
+        """n_k, visits of each key: (K,) int64, a view of the live state."""
+        return self._key_tables(self._keyed_buffer("key_count"))[0]
+
+    @property
+    def key_mean(self) -> torch.Tensor:
+        """m_k, each key's EMA of its group means: (K,) float64, a view of the live state."""
+        return self._key_tables(self._keyed_buffer("key_mean"))[1]
+
+    @property
+    def key_var(self) -> torch.Tensor:
+        """v_k, each key's EMA variance: (K,) float64, a view of the live state."""
+        return self._key_tables(self._keyed_buffer("key_var"))[2]
+
+    def _keyed_buffer(self, wanted: str) -> torch.Tensor:
+        if self.num_keys is None:
+            raise AttributeError(f"{wanted}: this estimator has no per-key history "
+                                 f"(num_keys=None)")
+        return self._buffers["key_records"]
+
+    def _key_tables(self, records: torch.Tensor):
+        """key_tables(records), made once per records tensor in eager mode: three views cost a
+        few microseconds from Python, a tenth of a keyed step. Under torch.compile the views are
+        traced from the buffer each time (a buffer that is itself a view of another dtype cannot
+        be mutated in a compiled graph)."""
+        if torch.compiler.is_compiling():
+            return key_tables(records)
+        cached = self.__dict__.get("_key_table_views")
+        if cached is None or cached[0] is not records:
+            cached = (records, *key_tables(records))
+            self.__dict__["_key_table_views"] = cached
+        return cached[1:]
+
+    def __getstate__(self):
+        # The cached views are derived state; pickling them beside the records would write views
+        # of one storage with different dtypes, which torch.save refuses.
+        state = super().__getstate__().copy()
+        state.pop("_key_table_views", None)
+        return state
+
     def reset(self) -> None:
         self.ring.zero_()
         self.count.zero_()
         self.ema.fill_(self.initial_baseline)
         self.var.zero_()
         if self.num_keys is not None:
-            for name in KEY_TABLES:
-                self._buffers[name].zero_()
+            self._buffers["key_records"].zero_()
 
     def step(self, rewards: torch.Tensor, group_size: int | None = None, *,
              offsets: torch.Tensor | None = None, keys: torch.Tensor | None = None,
@@ -143,8 +198,8 @@ class BVBlend(torch.nn.Module):
             # On the host one op makes the whole step, and validates the values check_values
             # reads before it changes any state: there is no transfer to share there.
             *stats, hist_mean, hist_var = torch.ops.bv_blend.keyed_step(
-                rewards, offsets, group_size or 0, keys, buffers["key_count"],
-                buffers["key_mean"], buffers["key_var"], self.key_alpha, self.key_min_history,
+                rewards, offsets, group_size or 0, keys,
+                *self._key_tables(buffers["key_records"]), self.key_alpha, self.key_min_history,
                 buffers["ring"], buffers["count"], buffers["ema"], buffers["var"], self.alpha,
                 self.min_history, self.eps, self.scale, validate)
             return BlendOutput(*stats), hist_mean, hist_var
@@ -167,9 +222,8 @@ class BVBlend(torch.nn.Module):
             # One op: the gather of each group's history and the blend. Its (G,) statistics are
             # fresh tensors, which the update below leaves alone.
             *stats, hist_mean, hist_var = torch.ops.bv_blend.keyed_group_advantages(
-                rewards, offsets, group_size or 0, keys, state("key_count"), state("key_mean"),
-                state("key_var"), state("ema"), state("var"), self.key_min_history, self.eps,
-                self.scale)
+                rewards, offsets, group_size or 0, keys, *self._key_tables(state("key_records")),
+                state("ema"), state("var"), self.key_min_history, self.eps, self.scale)
             out = BlendOutput(*stats)
         if validate and not compiling:
             check_values(rewards.shape[0], offsets, {}, keys, self.num_keys)
@@ -181,8 +235,8 @@ class BVBlend(torch.nn.Module):
             torch.ops.bv_blend.update_history(out.group_mean.detach(), *history)
         else:
             torch.ops.bv_blend.update_keyed_history(
-                out.group_mean.detach(), keys, buffers["key_count"], buffers["key_mean"],
-                buffers["key_var"], self.key_alpha, *history)
+                out.group_mean.detach(), keys, *self._key_tables(buffers["key_records"]),
+                self.key_alpha, *history)
         return out, hist_mean, hist_var
 
     def _check_keys(self, keys, rewards) -> None:
@@ -204,17 +258,38 @@ class BVBlend(torch.nn.Module):
             raise ValueError(f"keys must be on the rewards' device ({rewards.device}), got "
                              f"{keys.device}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.num_keys is not None:
+            # Contiguous copies: a file holds the tables as they were saved, whatever the layout
+            # in memory, and a state saved before the records existed loads unchanged.
+            for name, table in zip(KEY_TABLES, self._key_tables(self._buffers["key_records"])):
+                destination[prefix + name] = table.clone(memory_format=torch.contiguous_format)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
         # Checked before anything is copied, so a corrupted or hand-edited state (a checkpoint
         # file, say) raises here and leaves the estimator as it was.
-        given = {name: state_dict[prefix + name] for name in self._buffers
-                 if prefix + name in state_dict}
-        check_history_state({name: value for name, value in given.items()
-                             if name not in KEY_TABLES}, self.window)
+        check_history_state({name: state_dict[prefix + name] for name in HISTORY_BUFFERS
+                             if prefix + name in state_dict}, self.window)
+        tables = {}
         if self.num_keys is not None:
-            check_key_state({name: value for name, value in given.items() if name in KEY_TABLES},
-                            self.num_keys)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            tables = {name: state_dict[prefix + name] for name in KEY_TABLES
+                      if prefix + name in state_dict}
+            check_key_state(tables, self.num_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.num_keys is None:
+            return
+        # nn.Module knows the records only (not saved): the tables are this method's to load.
+        for name, table in zip(KEY_TABLES, self._key_tables(self._buffers["key_records"])):
+            if name in tables:
+                with torch.no_grad():
+                    table.copy_(tables[name])
+                if prefix + name in unexpected_keys:
+                    unexpected_keys.remove(prefix + name)
+            elif strict:
+                missing_keys.append(prefix + name)
 
     def _apply(self, fn, recurse=True):
         # Module-wide casts (model.half(), .to(bfloat16)) must not lower the history's

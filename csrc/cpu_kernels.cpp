@@ -622,14 +622,15 @@ constexpr int64_t kGatherGrain = 4096;
 // its visits in group order, so the tables get the same bits for any thread count.
 constexpr int64_t kParallelKeyUpdate = 65536;
 
-// The tables of keyed_history and what it writes: key k's moments once key_count[k] reaches
-// min_history, else the global history (a key outside [0, num_keys) reads no table).
+// The tables of keyed_history and what it writes: key k's moments once its count reaches
+// min_history, else the global history (a key outside [0, num_keys) reads no table). Key k's
+// entries lie at k * stride (see check_key_tables).
 struct KeyTables {
   const int64_t* keys;
   const int64_t* count;
   const double* mean;
   const double* var;
-  int64_t num_keys, min_history;
+  int64_t stride, num_keys, min_history;
   double global_mean, global_var;
   double* mean_out;
   double* var_out;
@@ -639,7 +640,7 @@ struct KeyTables {
       // Branch-free: whether a key has history is as unpredictable as the keys themselves.
       const int64_t k = keys[g];
       const bool in_range = key_in_range(k, num_keys);
-      const int64_t slot = in_range ? k : 0;
+      const int64_t slot = (in_range ? k : 0) * stride;
       const bool keyed = in_range & (count[slot] >= min_history);
       const double m = mean[slot], v = var[slot];
       mean_out[g] = keyed ? m : global_mean;
@@ -1047,7 +1048,7 @@ std::tuple<at::Tensor, at::Tensor> gather_key_history(const at::Tensor& keys_in,
   at::Tensor group_var = at::empty({num_groups}, options);
   const KeyTables tables{keys.const_data_ptr<int64_t>(), key_count.const_data_ptr<int64_t>(),
                          key_mean.const_data_ptr<double>(), key_var.const_data_ptr<double>(),
-                         key_count.numel(), key_min_history, cpu_scalar(hist_mean),
+                         key_table_stride(key_count), key_count.numel(), key_min_history, cpu_scalar(hist_mean),
                          cpu_scalar(hist_var), group_mean.data_ptr<double>(),
                          group_var.data_ptr<double>()};
   at::parallel_for(0, num_groups, kGatherGrain,
@@ -1097,14 +1098,16 @@ keyed_group_advantages_cpu(const at::Tensor& rewards, const std::optional<at::Te
                            hist_var, key_min_history, eps);
 }
 
-// Visits of keys in [first_key, last_key) by the groups in order (see visit_key).
+// Visits of keys in [first_key, last_key) by the groups in order (see visit_key); key k's entries
+// at k * stride.
 template <typename acc_t>
 void visit_keys(const acc_t* group_mean, const int64_t* keys, int64_t num_groups, int64_t first_key,
-                int64_t last_key, double alpha, int64_t* count, double* mean, double* var) {
+                int64_t last_key, double alpha, int64_t* count, double* mean, double* var,
+                int64_t stride) {
   const auto owned = [&](int64_t k) { return k >= first_key && k < last_key; };
   for (int64_t g = 0; g < num_groups; ++g) {
     if (g + kPrefetchDistance < num_groups && owned(keys[g + kPrefetchDistance])) {
-      const int64_t ahead = keys[g + kPrefetchDistance];
+      const int64_t ahead = keys[g + kPrefetchDistance] * stride;
       __builtin_prefetch(count + ahead, 1, 3);
       __builtin_prefetch(mean + ahead, 1, 3);
       __builtin_prefetch(var + ahead, 1, 3);
@@ -1112,7 +1115,8 @@ void visit_keys(const acc_t* group_mean, const int64_t* keys, int64_t num_groups
     const int64_t k = keys[g];
     const double mu = static_cast<double>(group_mean[g]);
     if (!owned(k) || !is_finite(mu)) continue;
-    visit_key(count[k], mean[k], var[k], mu, alpha);
+    const int64_t slot = k * stride;
+    visit_key(count[slot], mean[slot], var[slot], mu, alpha);
   }
 }
 
@@ -1122,6 +1126,7 @@ void keyed_update_cpu(const at::Tensor& group_mean, const at::Tensor& keys, at::
                       at::Tensor& ring, at::Tensor& count, at::Tensor& ema, at::Tensor& var,
                       double alpha, int64_t min_history) {
   const int64_t num_groups = keys.numel(), num_keys = key_count.numel();
+  const int64_t stride = key_table_stride(key_count);
   AT_DISPATCH_FLOATING_TYPES(group_mean.scalar_type(), "update_keyed_history_cpu", [&] {
     const scalar_t* means = group_mean.const_data_ptr<scalar_t>();
     const int64_t* k_ptr = keys.const_data_ptr<int64_t>();
@@ -1129,7 +1134,8 @@ void keyed_update_cpu(const at::Tensor& group_mean, const at::Tensor& keys, at::
     double* key_means = key_mean.data_ptr<double>();
     double* key_vars = key_var.data_ptr<double>();
     if (num_groups < kParallelKeyUpdate) {
-      visit_keys(means, k_ptr, num_groups, 0, num_keys, key_alpha, counts, key_means, key_vars);
+      visit_keys(means, k_ptr, num_groups, 0, num_keys, key_alpha, counts, key_means, key_vars,
+                 stride);
       return;
     }
     const int64_t tasks = std::max<int64_t>(1, at::get_num_threads());
@@ -1138,7 +1144,7 @@ void keyed_update_cpu(const at::Tensor& group_mean, const at::Tensor& keys, at::
       for (int64_t t = first; t < last; ++t) {
         visit_keys(means, k_ptr, num_groups, t * keys_per_task,
                    std::min(num_keys, (t + 1) * keys_per_task), key_alpha, counts, key_means,
-                   key_vars);
+                   key_vars, stride);
       }
     });
   });

@@ -196,8 +196,18 @@ void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                                      std::pair{&key_var, "key_var"}}) {
     TORCH_CHECK_VALUE(tensor->device() == keys.device(), name, " must be on the keys' device (",
                       keys.device(), "), got ", tensor->device());
-    TORCH_CHECK_VALUE(tensor->is_contiguous(), name, " must be contiguous");
   }
+  const int64_t stride = key_table_stride(key_count);
+  TORCH_CHECK_VALUE(stride >= 1 && key_table_stride(key_mean) == stride &&
+                        key_table_stride(key_var) == stride,
+                    "key_count, key_mean and key_var must share one stride >= 1 (contiguous "
+                    "tables, or the columns of one record per key), got strides ",
+                    as_text(key_count.stride(0)), ", ", as_text(key_mean.stride(0)), ", ",
+                    as_text(key_var.stride(0)));
+}
+
+int64_t key_table_stride(const at::Tensor& table) {
+  return table.numel() > 1 ? table.stride(0) : 1;
 }
 
 void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,

@@ -67,10 +67,15 @@ void check_history_state(const at::Tensor& ring, const at::Tensor& count, const 
                          const at::Tensor& var, double alpha, int64_t min_history,
                          const at::Tensor& owner, const char* owner_name);
 
-// The per-key tables (key_count (K,) int64, key_mean and key_var (K,) float64, contiguous) on the
-// device of `keys` (G,) int64.
+// The per-key tables (key_count (K,) int64, key_mean and key_var (K,) float64) on the device of
+// `keys` (G,) int64, sharing one stride: key k's entries lie at k * stride in each. Contiguous
+// tables have stride 1; BVBlend keeps the three as columns of one 32-byte record per key (stride
+// 4), so that a visit of a key touches one cache line rather than three.
 void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                       const at::Tensor& key_mean, const at::Tensor& key_var);
+
+// The stride of a key table as the kernels use it (any for a single key, which sits at 0).
+int64_t key_table_stride(const at::Tensor& table);
 
 // keyed_history: the tables, the global H and σ_u² (0-dim, on the keys' device), min_history >= 1.
 void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,

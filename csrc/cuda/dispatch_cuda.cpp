@@ -163,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor> keyed_history_cuda(const at::Tensor& keys_in,
   at::Tensor group_hist_var = at::empty({num_groups}, options);
   cuda::launch_keyed_history(keys.data_ptr<int64_t>(), num_groups, key_count.data_ptr<int64_t>(),
                              key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
-                             key_count.numel(), hist_mean.data_ptr<double>(),
+                             key_count.numel(), key_table_stride(key_count),
+                             hist_mean.data_ptr<double>(),
                              hist_var.data_ptr<double>(), key_min_history,
                              group_hist_mean.data_ptr<double>(), group_hist_var.data_ptr<double>(),
                              c10::cuda::getCurrentCUDAStream().stream());
@@ -215,7 +216,7 @@ void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor
     cuda::launch_update_keyed_history<scalar_t>(
         group_mean.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), num_groups,
         key_count.data_ptr<int64_t>(), key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
-        num_keys, key_alpha, scratch.data_ptr(), ring.data_ptr<double>(), ring.numel(),
+        num_keys, key_table_stride(key_count), key_alpha, scratch.data_ptr(), ring.data_ptr<double>(), ring.numel(),
         count.data_ptr<int64_t>(), ema.data_ptr<double>(), var.data_ptr<double>(), alpha,
         min_history, stream);
   });

@@ -293,16 +293,18 @@ __global__ void __launch_bounds__(kThreads)
     keyed_history_kernel(const int64_t* __restrict__ keys, int64_t num_groups,
                          const int64_t* __restrict__ key_count,
                          const double* __restrict__ key_mean, const double* __restrict__ key_var,
-                         int64_t num_keys, const double* __restrict__ hist_mean,
+                         int64_t num_keys, int64_t key_stride, const double* __restrict__ hist_mean,
                          const double* __restrict__ hist_var, int64_t key_min_history,
                          double* __restrict__ group_hist_mean,
                          double* __restrict__ group_hist_var) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (g >= num_groups) return;
   const int64_t k = keys[g];
-  const bool keyed = key_in_range(k, num_keys) && key_count[k] >= key_min_history;
-  group_hist_mean[g] = keyed ? key_mean[k] : *hist_mean;
-  group_hist_var[g] = keyed ? key_var[k] : *hist_var;
+  const bool in_range = key_in_range(k, num_keys);
+  const int64_t slot = in_range ? k * key_stride : 0;
+  const bool keyed = in_range && key_count[slot] >= key_min_history;
+  group_hist_mean[g] = keyed ? key_mean[slot] : *hist_mean;
+  group_hist_var[g] = keyed ? key_var[slot] : *hist_var;
 }
 
 // The key update must apply a key's visits in group order, however often the key repeats. The
@@ -333,7 +335,7 @@ __global__ void __launch_bounds__(kHistoryThreads)
                         const uint64_t* __restrict__ sorted_keys,
                         const int32_t* __restrict__ sorted_groups, int64_t num_groups,
                         int64_t* key_count, double* key_mean, double* key_var, int64_t num_keys,
-                        double key_alpha, double* ring, int64_t window, int64_t* count,
+                        int64_t key_stride, double key_alpha, double* ring, int64_t window, int64_t* count,
                         double* ema, double* var, double alpha, int64_t min_history) {
   if (blockIdx.x == 0) {
     update_global_history(group_mean, num_groups, ring, window, count, ema, var, alpha,
@@ -344,14 +346,15 @@ __global__ void __launch_bounds__(kHistoryThreads)
   if (i >= num_groups) return;
   const uint64_t key = sorted_keys[i];
   if (key >= static_cast<uint64_t>(num_keys) || (i > 0 && sorted_keys[i - 1] == key)) return;
-  int64_t n = key_count[key];
-  double m = key_mean[key], v = key_var[key];
+  const int64_t slot = static_cast<int64_t>(key) * key_stride;
+  int64_t n = key_count[slot];
+  double m = key_mean[slot], v = key_var[slot];
   for (int64_t j = i; j < num_groups && sorted_keys[j] == key; ++j) {
     visit_key(n, m, v, static_cast<double>(group_mean[sorted_groups[j]]), key_alpha);
   }
-  key_count[key] = n;
-  key_mean[key] = m;
-  key_var[key] = v;
+  key_count[slot] = n;
+  key_mean[slot] = m;
+  key_var[slot] = v;
 }
 
 // The scratch of the keyed update, as byte offsets into one allocation: the pairs before and
@@ -441,13 +444,14 @@ void launch_over_groups(const GroupArgs& args, cudaStream_t stream, KernelFor&& 
 
 void launch_keyed_history(const int64_t* keys, int64_t num_groups, const int64_t* key_count,
                           const double* key_mean, const double* key_var, int64_t num_keys,
-                          const double* hist_mean, const double* hist_var,
+                          int64_t key_stride, const double* hist_mean, const double* hist_var,
                           int64_t key_min_history, double* group_hist_mean,
                           double* group_hist_var, cudaStream_t stream) {
   if (num_groups == 0) return;
   const auto blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
   keyed_history_kernel<<<blocks, kThreads, 0, stream>>>(keys, num_groups, key_count, key_mean,
-                                                        key_var, num_keys, hist_mean, hist_var,
+                                                        key_var, num_keys, key_stride,
+                                                        hist_mean, hist_var,
                                                         key_min_history, group_hist_mean,
                                                         group_hist_var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -465,9 +469,10 @@ size_t keyed_update_scratch_bytes(int64_t num_groups, int64_t num_keys) {
 template <typename acc_t>
 void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, int64_t num_groups,
                                  int64_t* key_count, double* key_mean, double* key_var,
-                                 int64_t num_keys, double key_alpha, void* scratch, double* ring,
-                                 int64_t window, int64_t* count, double* ema, double* var,
-                                 double alpha, int64_t min_history, cudaStream_t stream) {
+                                 int64_t num_keys, int64_t key_stride, double key_alpha,
+                                 void* scratch, double* ring, int64_t window, int64_t* count,
+                                 double* ema, double* var, double alpha, int64_t min_history,
+                                 cudaStream_t stream) {
   if (num_groups == 0) return;
   ScratchLayout l = scratch_layout(num_groups, num_keys);
   uint64_t* keys_in = at_offset<uint64_t>(scratch, l.keys_in);
@@ -485,7 +490,7 @@ void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, i
       static_cast<unsigned>(1 + (num_groups + kHistoryThreads - 1) / kHistoryThreads);
   keyed_update_kernel<acc_t><<<run_blocks, kHistoryThreads, 0, stream>>>(
       group_mean, keys_out, groups_out, num_groups, key_count, key_mean, key_var, num_keys,
-      key_alpha, ring, window, count, ema, var, alpha, min_history);
+      key_stride, key_alpha, ring, window, count, ema, var, alpha, min_history);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -540,12 +545,12 @@ template void launch_update_history<double>(const double*, int64_t, double*, int
                                             double*, double*, double, int64_t, cudaStream_t);
 
 template void launch_update_keyed_history<float>(const float*, const int64_t*, int64_t, int64_t*,
-                                                 double*, double*, int64_t, double, void*,
+                                                 double*, double*, int64_t, int64_t, double, void*,
                                                  double*, int64_t, int64_t*, double*, double*,
                                                  double, int64_t, cudaStream_t);
 template void launch_update_keyed_history<double>(const double*, const int64_t*, int64_t,
-                                                  int64_t*, double*, double*, int64_t, double,
-                                                  void*, double*, int64_t, int64_t*, double*,
+                                                  int64_t*, double*, double*, int64_t, int64_t,
+                                                  double, void*, double*, int64_t, int64_t*, double*,
                                                   double*, double, int64_t, cudaStream_t);
 
 }  // namespace bv_blend::cuda

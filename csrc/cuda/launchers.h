@@ -53,10 +53,11 @@ void launch_update_history(const acc_t* group_mean, int64_t num_groups, double* 
                            int64_t window, int64_t* count, double* ema, double* var, double alpha,
                            int64_t min_history, cudaStream_t stream);
 
-// Each group's (H, σ_u²) from its key's moments or the global history (one launch).
+// Each group's (H, σ_u²) from its key's moments or the global history (one launch). Key k's
+// entries lie at k * key_stride in the tables (see check_key_tables).
 void launch_keyed_history(const int64_t* keys, int64_t num_groups, const int64_t* key_count,
                           const double* key_mean, const double* key_var, int64_t num_keys,
-                          const double* hist_mean, const double* hist_var,
+                          int64_t key_stride, const double* hist_mean, const double* hist_var,
                           int64_t key_min_history, double* group_hist_mean,
                           double* group_hist_var, cudaStream_t stream);
 
@@ -70,8 +71,9 @@ size_t keyed_update_scratch_bytes(int64_t num_groups, int64_t num_keys);
 template <typename acc_t>
 void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, int64_t num_groups,
                                  int64_t* key_count, double* key_mean, double* key_var,
-                                 int64_t num_keys, double key_alpha, void* scratch, double* ring,
-                                 int64_t window, int64_t* count, double* ema, double* var,
-                                 double alpha, int64_t min_history, cudaStream_t stream);
+                                 int64_t num_keys, int64_t key_stride, double key_alpha,
+                                 void* scratch, double* ring, int64_t window, int64_t* count,
+                                 double* ema, double* var, double alpha, int64_t min_history,
+                                 cudaStream_t stream);
 
 }  // namespace bv_blend::cuda
