@@ -333,9 +333,9 @@ def test_bad_keys_are_rejected_naming_keys_without_state_change(case):
 
 
 def test_large_key_tables_are_plain_tensors():
-    """Tables of more than a huge page live in their own mapping (module.key_table); they must
-    still be zeroed, contiguous (K,) tensors whose storage, which torch.save writes whole, holds
-    exactly their elements."""
+    """Records of more than a huge page live in their own mapping (module.key_records); the
+    tables of the state_dict must still be zeroed, contiguous (K,) tensors whose storage, which
+    torch.save writes whole, holds exactly their elements."""
     num_keys = 300_000  # 2.4 MB per table
     est = bv_blend_ext.BVBlend(num_keys=num_keys)
     for name in ("key_count", "key_mean", "key_var"):
@@ -400,6 +400,56 @@ def test_keyed_settings_repr_buffers_casts_and_reset():
     assert est.key_count.tolist() == [2, 0, 0]
     est.reset()
     assert not est.key_count.any() and not est.key_mean.any() and not est.key_var.any()
+
+
+def test_key_tables_are_views_of_one_record_per_key():
+    """The estimator's live tables are the columns of its (K, 4) key_records buffer, which
+    nn.Module moves and casts; the state_dict holds the three tables as fresh contiguous copies,
+    in the format of a state saved before the records existed."""
+    est = bv_blend_ext.BVBlend(num_keys=6, key_ema_decay=0.25, key_min_history=1)
+    est(torch.tensor([1.0, 0.0, 0.5, 0.25, 2.0, 2.0]), group_size=2, keys=torch.tensor([4, 1, 4]))
+    records = dict(est.named_buffers())["key_records"]
+    assert records.shape == (6, 4) and records.dtype == torch.int64
+    assert "key_records" not in est.state_dict()
+    for name, column in (("key_count", 0), ("key_mean", 1), ("key_var", 2)):
+        table = getattr(est, name)
+        assert table.data_ptr() == records[:, column].data_ptr() and table.stride() == (4,)
+        saved = est.state_dict()[name]
+        assert saved.is_contiguous() and saved.data_ptr() != table.data_ptr()
+        assert torch.equal(bits(saved), bits(table))
+    assert est.key_count.tolist() == [0, 1, 0, 0, 2, 0]
+    assert est.key_mean.tolist() == [0.0, 0.375, 0.0, 0.0, 0.5 + 0.25 * 1.5, 0.0]
+    for copy in (__import__("copy").deepcopy(est), torch.load(io.BytesIO(_saved(est)),
+                                                               weights_only=False)):
+        assert_same_state(state_of(est), copy)
+        copy(torch.tensor([3.0, 3.0]), group_size=2, keys=torch.tensor([1]))
+        assert copy.key_count[1] == 2 and est.key_count[1] == 1
+        assert copy.key_count.data_ptr() == copy._buffers["key_records"].data_ptr()
+    with pytest.raises(AttributeError, match="key_count"):
+        bv_blend_ext.BVBlend().key_count
+
+
+def _saved(module):
+    out = io.BytesIO()
+    torch.save(module, out)
+    return out.getvalue()
+
+
+def test_keyed_state_dict_missing_or_unexpected_entries():
+    est = bv_blend_ext.BVBlend(num_keys=3)
+    est(torch.tensor([1.0, 0.0]), group_size=2, keys=torch.tensor([2]))
+    state = est.state_dict()
+    other = bv_blend_ext.BVBlend(num_keys=3)
+    partial = {name: value for name, value in state.items() if name != "key_var"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*key_var"):
+        other.load_state_dict(partial)
+    result = other.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["key_var"] and result.unexpected_keys == []
+    assert other.key_count.tolist() == [0, 0, 1]
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*key_records"):
+        other.load_state_dict({**state, "key_records": torch.zeros(3, 4, dtype=torch.int64)})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*key_count"):
+        bv_blend_ext.BVBlend().load_state_dict(state)
 
 
 def test_keyed_state_dict_round_trip():
@@ -529,6 +579,32 @@ def test_keyed_step_is_the_keyed_forward_then_the_keyed_update(layout, scale):
     torch.library.opcheck(OPS.keyed_step.default,
                           keyed_step_args(valid, nonempty, group_size, keys, keyed_state(), scale,
                                           validate=False))
+
+
+def test_keyed_ops_take_tables_of_any_shared_stride():
+    """Contiguous tables and the columns of one record per key give the same bits; tables whose
+    strides differ, or repeat one entry, are rejected naming them."""
+    rewards = torch.tensor([0.3, NAN, -0.4, 2.2, 0.9, 1.1, -1.5, 0.2, 0.4, 0.6, 0.7, 0.1])
+    keys = torch.tensor([1, 4, 1, 0, 9, 3])
+    apart = keyed_state()
+    records = torch.zeros(5, 4, dtype=torch.int64)
+    records[:, 0] = apart[0]
+    records[:, 1:3] = torch.stack(apart[1:3], 1).view(torch.int64)
+    strided = [*bv_blend_ext.module.key_tables(records), *(t.clone() for t in apart[3:])]
+    want = OPS.keyed_step(*keyed_step_args(rewards, None, 2, keys, apart, validate=False))
+    got = OPS.keyed_step(*keyed_step_args(rewards, None, 2, keys, strided, validate=False))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(strided, apart))
+    assert records[:, 3].eq(0).all()
+    history = (torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(
+        OPS.keyed_history(keys, *strided[:3], *history, 2),
+        OPS.keyed_history(keys, *apart[:3], *history, 2)))
+    count, mean, var = key_tables()
+    for tables in ((strided[0], mean, var), (count, mean, torch.zeros(1, dtype=torch.float64)
+                                             .expand(5))):
+        with raises_naming("key_count|key_mean|key_var", ValueError):
+            OPS.keyed_history(keys, *tables, *history, 2)
 
 
 KEYED_STEP_BAD = {
