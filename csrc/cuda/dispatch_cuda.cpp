@@ -216,9 +216,9 @@ void update_keyed_history_cuda(const at::Tensor& group_mean_in, const at::Tensor
     cuda::launch_update_keyed_history<scalar_t>(
         group_mean.data_ptr<scalar_t>(), keys.data_ptr<int64_t>(), num_groups,
         key_count.data_ptr<int64_t>(), key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
-        num_keys, key_table_stride(key_count), key_alpha, scratch.data_ptr(), ring.data_ptr<double>(), ring.numel(),
-        count.data_ptr<int64_t>(), ema.data_ptr<double>(), var.data_ptr<double>(), alpha,
-        min_history, stream);
+        num_keys, key_table_stride(key_count), key_alpha, scratch.data_ptr(),
+        ring.data_ptr<double>(), ring.numel(), count.data_ptr<int64_t>(), ema.data_ptr<double>(),
+        var.data_ptr<double>(), alpha, min_history, stream);
   });
 }
 

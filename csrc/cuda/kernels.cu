@@ -335,8 +335,9 @@ __global__ void __launch_bounds__(kHistoryThreads)
                         const uint64_t* __restrict__ sorted_keys,
                         const int32_t* __restrict__ sorted_groups, int64_t num_groups,
                         int64_t* key_count, double* key_mean, double* key_var, int64_t num_keys,
-                        int64_t key_stride, double key_alpha, double* ring, int64_t window, int64_t* count,
-                        double* ema, double* var, double alpha, int64_t min_history) {
+                        int64_t key_stride, double key_alpha, double* ring, int64_t window,
+                        int64_t* count, double* ema, double* var, double alpha,
+                        int64_t min_history) {
   if (blockIdx.x == 0) {
     update_global_history(group_mean, num_groups, ring, window, count, ema, var, alpha,
                           min_history);
@@ -550,7 +551,8 @@ template void launch_update_keyed_history<float>(const float*, const int64_t*, i
                                                  double, int64_t, cudaStream_t);
 template void launch_update_keyed_history<double>(const double*, const int64_t*, int64_t,
                                                   int64_t*, double*, double*, int64_t, int64_t,
-                                                  double, void*, double*, int64_t, int64_t*, double*,
-                                                  double*, double, int64_t, cudaStream_t);
+                                                  double, void*, double*, int64_t, int64_t*,
+                                                  double*, double*, double, int64_t,
+                                                  cudaStream_t);
 
 }  // namespace bv_blend::cuda

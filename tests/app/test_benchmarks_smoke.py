@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bv_blend_ext
-from benchmarks import bench_estimators, bench_op, estimator_sim, pytorch_baseline
+from benchmarks import bench_estimators, bench_key_layout, bench_op, estimator_sim, pytorch_baseline
 from bv_blend_ext import reference
 
 
@@ -284,3 +284,11 @@ def test_trainer_spo_estimator_matches_the_simulation():
             est = again
     with pytest.raises(ValueError, match="keys"):
         est(torch.zeros(4), 4)
+
+
+def test_bench_key_layout_runs_both_layouts_to_the_same_state(tmp_path):
+    times = bench_key_layout.main(["--groups", "8", "--group-size", "4", "--num-keys", "64",
+                                   "--rounds", "2", "--calls", "3", "--out-dir", str(tmp_path)])
+    assert list(times) == ["three tables", "one record per key"]
+    assert all(len(values) == 2 and min(values) > 0 for values in times.values())
+    assert "| one record per key |" in (tmp_path / "key_layout.md").read_text()
