@@ -223,6 +223,29 @@ BVB_HOST_DEVICE bool key_in_range(int64_t key, int64_t num_keys) {
   return static_cast<uint64_t>(key) < static_cast<uint64_t>(num_keys);
 }
 
+// The per-key tables as the kernels read them (see check_key_tables): key k's count, mean and
+// variance at k * stride.
+struct KeyTableView {
+  const int64_t* count;
+  const double* mean;
+  const double* var;
+  int64_t stride, num_keys, min_history;
+
+  // The H and σ_u² of a group whose key is `key`: the key's moments once it has been visited
+  // min_history times, else the global ones. Branch-free (whether a key has history is as
+  // unpredictable as the keys themselves): a key outside the tables reads entry 0 and takes the
+  // global history.
+  BVB_HOST_DEVICE void history_of(int64_t key, double global_mean, double global_var,
+                                  double& mean_out, double& var_out) const {
+    const bool in_range = key_in_range(key, num_keys);
+    const int64_t slot = (in_range ? key : 0) * stride;
+    const bool keyed = in_range & (count[slot] >= min_history);
+    const double m = mean[slot], v = var[slot];
+    mean_out = keyed ? m : global_mean;
+    var_out = keyed ? v : global_var;
+  }
+};
+
 // Products and sums rounded one by one on both devices: nvcc would otherwise fuse a*b + c into
 // one FMA, and the key moments could not match the CPU's bit for bit.
 BVB_HOST_DEVICE double mul_rn(double a, double b) {

@@ -622,29 +622,17 @@ constexpr int64_t kGatherGrain = 4096;
 // its visits in group order, so the tables get the same bits for any thread count.
 constexpr int64_t kParallelKeyUpdate = 65536;
 
-// The tables of keyed_history and what it writes: key k's moments once its count reaches
-// min_history, else the global history (a key outside [0, num_keys) reads no table). Key k's
-// entries lie at k * stride (see check_key_tables).
-struct KeyTables {
+// keyed_history's gather: each group's H and σ_u² from its key (KeyTableView::history_of).
+struct KeyGather {
   const int64_t* keys;
-  const int64_t* count;
-  const double* mean;
-  const double* var;
-  int64_t stride, num_keys, min_history;
+  KeyTableView tables;
   double global_mean, global_var;
   double* mean_out;
   double* var_out;
 
   void gather(int64_t first, int64_t last) const {
     for (int64_t g = first; g < last; ++g) {
-      // Branch-free: whether a key has history is as unpredictable as the keys themselves.
-      const int64_t k = keys[g];
-      const bool in_range = key_in_range(k, num_keys);
-      const int64_t slot = (in_range ? k : 0) * stride;
-      const bool keyed = in_range & (count[slot] >= min_history);
-      const double m = mean[slot], v = var[slot];
-      mean_out[g] = keyed ? m : global_mean;
-      var_out[g] = keyed ? v : global_var;
+      tables.history_of(keys[g], global_mean, global_var, mean_out[g], var_out[g]);
     }
   }
 };
@@ -1046,13 +1034,14 @@ std::tuple<at::Tensor, at::Tensor> gather_key_history(const at::Tensor& keys_in,
   const auto options = keys.options().dtype(at::kDouble);
   at::Tensor group_mean = at::empty({num_groups}, options);
   at::Tensor group_var = at::empty({num_groups}, options);
-  const KeyTables tables{keys.const_data_ptr<int64_t>(), key_count.const_data_ptr<int64_t>(),
-                         key_mean.const_data_ptr<double>(), key_var.const_data_ptr<double>(),
-                         key_table_stride(key_count), key_count.numel(), key_min_history,
-                         cpu_scalar(hist_mean), cpu_scalar(hist_var),
-                         group_mean.data_ptr<double>(), group_var.data_ptr<double>()};
+  const KeyGather gather{keys.const_data_ptr<int64_t>(),
+                         key_table_view(key_count, key_mean, key_var, key_min_history),
+                         cpu_scalar(hist_mean),
+                         cpu_scalar(hist_var),
+                         group_mean.data_ptr<double>(),
+                         group_var.data_ptr<double>()};
   at::parallel_for(0, num_groups, kGatherGrain,
-                   [&](int64_t first, int64_t last) { tables.gather(first, last); });
+                   [&](int64_t first, int64_t last) { gather.gather(first, last); });
   return {group_mean, group_var};
 }
 

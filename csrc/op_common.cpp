@@ -210,6 +210,13 @@ int64_t key_table_stride(const at::Tensor& table) {
   return table.numel() > 1 ? table.stride(0) : 1;
 }
 
+KeyTableView key_table_view(const at::Tensor& key_count, const at::Tensor& key_mean,
+                            const at::Tensor& key_var, int64_t key_min_history) {
+  return {key_count.const_data_ptr<int64_t>(), key_mean.const_data_ptr<double>(),
+          key_var.const_data_ptr<double>(),    key_table_stride(key_count),
+          key_count.numel(),                   key_min_history};
+}
+
 void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,
                                 const at::Tensor& key_mean, const at::Tensor& key_var,
                                 const at::Tensor& hist_mean, const at::Tensor& hist_var,

@@ -77,6 +77,10 @@ void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
 // The stride of a key table as the kernels use it (any for a single key, which sits at 0).
 int64_t key_table_stride(const at::Tensor& table);
 
+// The tables, checked by check_key_tables, as the kernels read them.
+KeyTableView key_table_view(const at::Tensor& key_count, const at::Tensor& key_mean,
+                            const at::Tensor& key_var, int64_t key_min_history);
+
 // keyed_history: the tables, the global H and σ_u² (0-dim, on the keys' device), min_history >= 1.
 void check_keyed_history_inputs(const at::Tensor& keys, const at::Tensor& key_count,
                                 const at::Tensor& key_mean, const at::Tensor& key_var,

@@ -73,14 +73,11 @@ BatchSumTensors batch_sums(const GroupInputs& in, const at::Tensor* grad = nullp
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda(
-    const at::Tensor& rewards_in, const std::optional<at::Tensor>& offsets_in, int64_t group_size,
-    const at::Tensor& hist_mean_in, const at::Tensor& hist_var_in, double eps,
-    c10::string_view scale) {
-  // Checked before the guard: a CPU rewards tensor (with CUDA offsets) must get the ValueError.
-  const GroupInputs in = prepare_group_inputs(rewards_in, offsets_in, group_size, hist_mean_in,
-                                              hist_var_in, eps, scale);
-  const c10::cuda::CUDAGuard guard(rewards_in.device());
+// The forward launch, its inputs checked: with `keyed`, gathering each group's history from its
+// key (hist_mean and hist_var then the global ones, 0-dim).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const GroupInputs& in, int64_t group_size, const at::Tensor& hist_mean_in,
+    const at::Tensor& hist_var_in, double eps, const cuda::KeyedGather& keyed = {}) {
   const at::Tensor& rewards = in.rewards;
   const at::Tensor hist_mean = device_history(hist_mean_in);
   const at::Tensor hist_var = device_history(hist_var_in);
@@ -88,7 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
   // Offsets of no group at all: no kernel runs and every reward is uncovered.
   if (in.num_groups == 0) advantages.zero_();
   const BatchSumTensors batch = batch_sums(in);
-  const auto args = group_args(in, group_size, hist_mean, hist_var, eps);
+  auto args = group_args(in, group_size, hist_mean, hist_var, eps);
+  args.keyed = keyed;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(),
                                   "group_advantages_cuda", [&] {
@@ -99,6 +97,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
         beta.data_ptr<acc_t>(), stream);
   });
   return {advantages, group_mean, group_std, beta};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda(
+    const at::Tensor& rewards, const std::optional<at::Tensor>& offsets, int64_t group_size,
+    const at::Tensor& hist_mean, const at::Tensor& hist_var, double eps,
+    c10::string_view scale) {
+  // Checked before the guard: a CPU rewards tensor (with CUDA offsets) must get the ValueError.
+  const GroupInputs in =
+      prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  return forward_cuda(in, group_size, hist_mean, hist_var, eps);
 }
 
 at::Tensor group_advantages_backward_cuda(const at::Tensor& grad_in, const at::Tensor& advantages,
@@ -161,34 +170,42 @@ std::tuple<at::Tensor, at::Tensor> keyed_history_cuda(const at::Tensor& keys_in,
   const auto options = keys.options().dtype(at::kDouble);
   at::Tensor group_hist_mean = at::empty({num_groups}, options);
   at::Tensor group_hist_var = at::empty({num_groups}, options);
-  cuda::launch_keyed_history(keys.data_ptr<int64_t>(), num_groups, key_count.data_ptr<int64_t>(),
-                             key_mean.data_ptr<double>(), key_var.data_ptr<double>(),
-                             key_count.numel(), key_table_stride(key_count),
-                             hist_mean.data_ptr<double>(),
-                             hist_var.data_ptr<double>(), key_min_history,
+  cuda::launch_keyed_history(keys.data_ptr<int64_t>(), num_groups,
+                             key_table_view(key_count, key_mean, key_var, key_min_history),
+                             hist_mean.data_ptr<double>(), hist_var.data_ptr<double>(),
                              group_hist_mean.data_ptr<double>(), group_hist_var.data_ptr<double>(),
                              c10::cuda::getCurrentCUDAStream().stream());
   return {group_hist_mean, group_hist_var};
 }
 
-// The gather, then the forward with its (G,) statistics: two launches, no synchronisation.
+// The forward, gathering each group's history from its key as it goes: one launch (plus the
+// reductions of scale="batch"), no synchronisation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 keyed_group_advantages_cuda(const at::Tensor& rewards, const std::optional<at::Tensor>& offsets,
-                            int64_t group_size, const at::Tensor& keys,
+                            int64_t group_size, const at::Tensor& keys_in,
                             const at::Tensor& key_count, const at::Tensor& key_mean,
                             const at::Tensor& key_var, const at::Tensor& hist_mean,
                             const at::Tensor& hist_var, int64_t key_min_history, double eps,
                             c10::string_view scale) {
   // Every check before the first launch, so that a bad call launches nothing.
-  check_keyed_history_inputs(keys, key_count, key_mean, key_var, hist_mean, hist_var,
+  check_keyed_history_inputs(keys_in, key_count, key_mean, key_var, hist_mean, hist_var,
                              key_min_history);
   parse_scale(scale);
-  check_group_keys(keys, rewards,
+  check_group_keys(keys_in, rewards,
                    check_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps));
-  auto [group_hist_mean, group_hist_var] = keyed_history_cuda(
-      keys, key_count, key_mean, key_var, hist_mean, hist_var, key_min_history);
-  auto [advantages, group_mean, group_std, beta] = group_advantages_cuda(
-      rewards, offsets, group_size, group_hist_mean, group_hist_var, eps, scale);
+  const GroupInputs in =
+      prepare_group_inputs(rewards, offsets, group_size, hist_mean, hist_var, eps, scale);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const at::Tensor keys = keys_in.contiguous();
+  const auto options = keys.options().dtype(at::kDouble);
+  at::Tensor group_hist_mean = at::empty({in.num_groups}, options);
+  at::Tensor group_hist_var = at::empty({in.num_groups}, options);
+  const cuda::KeyedGather keyed{keys.data_ptr<int64_t>(),
+                                key_table_view(key_count, key_mean, key_var, key_min_history),
+                                group_hist_mean.data_ptr<double>(),
+                                group_hist_var.data_ptr<double>()};
+  auto [advantages, group_mean, group_std, beta] =
+      forward_cuda(in, group_size, hist_mean, hist_var, eps, keyed);
   return {advantages, group_mean, group_std, beta, group_hist_mean, group_hist_var};
 }
 

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -87,10 +88,24 @@ __device__ __forceinline__ void zero_uncovered(const GroupArgs& args, int64_t gr
   }
 }
 
+// A group's H and σ_u²: hist[group * stride], or in a keyed forward gathered from the group's key,
+// where `record` (one lane per team) also writes them to the op's group_hist outputs.
 template <typename acc_t>
-__device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args, int64_t group) {
-  return usable_history<acc_t>(acc_t(args.hist_mean[group * args.hist_mean_stride]),
-                               acc_t(args.hist_var[group * args.hist_var_stride]));
+__device__ __forceinline__ History<acc_t> read_history(const GroupArgs& args, int64_t group,
+                                                       bool record = false) {
+  double mean, var;
+  if (args.keyed.keys != nullptr) {
+    args.keyed.tables.history_of(args.keyed.keys[group], *args.hist_mean, *args.hist_var, mean,
+                                 var);
+    if (record) {
+      args.keyed.group_hist_mean[group] = mean;
+      args.keyed.group_hist_var[group] = var;
+    }
+  } else {
+    mean = args.hist_mean[group * args.hist_mean_stride];
+    var = args.hist_var[group * args.hist_var_stride];
+  }
+  return usable_history<acc_t>(acc_t(mean), acc_t(var));
 }
 
 template <typename acc_t>
@@ -129,6 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   const auto [group, lane, start, end] = team;
   const TeamMoments<scalar_t, TEAM> m(rewards, start, end, lane);
   if (!team.exists(args)) return;
+  const auto history = read_history<acc_t>(args, group, lane == 0);
   zero_uncovered<scalar_t, TEAM>(args, group, start, end, lane, advantages);
 
   if (m.count == 0) {
@@ -141,7 +157,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   const acc_t scale_of_batch =
       args.mode == ScaleMode::Batch ? read_batch_std(batch) + acc_t(args.eps) : acc_t(1);
-  const auto history = read_history<acc_t>(args, group);
   const auto b = blend_group<acc_t>(m.count, m.mean, m.sq_dev, history.mean, history.var,
                                     acc_t(args.eps), args.mode, scale_of_batch);
   if (lane == 0) {
@@ -291,20 +306,12 @@ __global__ void __launch_bounds__(kHistoryThreads)
 
 __global__ void __launch_bounds__(kThreads)
     keyed_history_kernel(const int64_t* __restrict__ keys, int64_t num_groups,
-                         const int64_t* __restrict__ key_count,
-                         const double* __restrict__ key_mean, const double* __restrict__ key_var,
-                         int64_t num_keys, int64_t key_stride, const double* __restrict__ hist_mean,
-                         const double* __restrict__ hist_var, int64_t key_min_history,
-                         double* __restrict__ group_hist_mean,
+                         KeyTableView tables, const double* __restrict__ hist_mean,
+                         const double* __restrict__ hist_var, double* __restrict__ group_hist_mean,
                          double* __restrict__ group_hist_var) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (g >= num_groups) return;
-  const int64_t k = keys[g];
-  const bool in_range = key_in_range(k, num_keys);
-  const int64_t slot = in_range ? k * key_stride : 0;
-  const bool keyed = in_range && key_count[slot] >= key_min_history;
-  group_hist_mean[g] = keyed ? key_mean[slot] : *hist_mean;
-  group_hist_var[g] = keyed ? key_var[slot] : *hist_var;
+  tables.history_of(keys[g], *hist_mean, *hist_var, group_hist_mean[g], group_hist_var[g]);
 }
 
 // The key update must apply a key's visits in group order, however often the key repeats. The
@@ -326,6 +333,29 @@ __global__ void __launch_bounds__(kThreads)
   sort_groups[g] = static_cast<int32_t>(g);
 }
 
+// The visits of one key, when sorted pair i starts the run of a key in [0, num_keys): its groups'
+// means in group order, from one read of the key's entries to one write.
+template <typename acc_t>
+__device__ __forceinline__ void apply_key_run(int64_t i, int64_t num_pairs,
+                                              const uint64_t* sorted_keys,
+                                              const int32_t* sorted_groups,
+                                              const acc_t* group_mean, int64_t* key_count,
+                                              double* key_mean, double* key_var,
+                                              int64_t num_keys, int64_t key_stride,
+                                              double key_alpha) {
+  const uint64_t key = sorted_keys[i];
+  if (key >= static_cast<uint64_t>(num_keys) || (i > 0 && sorted_keys[i - 1] == key)) return;
+  const int64_t slot = static_cast<int64_t>(key) * key_stride;
+  int64_t n = key_count[slot];
+  double m = key_mean[slot], v = key_var[slot];
+  for (int64_t j = i; j < num_pairs && sorted_keys[j] == key; ++j) {
+    visit_key(n, m, v, static_cast<double>(group_mean[sorted_groups[j]]), key_alpha);
+  }
+  key_count[slot] = n;
+  key_mean[slot] = m;
+  key_var[slot] = v;
+}
+
 // Block 0 updates the global history (update_global_history, as update_history_kernel does); the
 // other blocks apply the runs of the sorted pairs, thread i owning the run that starts at i. The
 // two halves touch disjoint state, so they share one launch.
@@ -345,17 +375,51 @@ __global__ void __launch_bounds__(kHistoryThreads)
   }
   const int64_t i = static_cast<int64_t>(blockIdx.x - 1) * kHistoryThreads + threadIdx.x;
   if (i >= num_groups) return;
-  const uint64_t key = sorted_keys[i];
-  if (key >= static_cast<uint64_t>(num_keys) || (i > 0 && sorted_keys[i - 1] == key)) return;
-  const int64_t slot = static_cast<int64_t>(key) * key_stride;
-  int64_t n = key_count[slot];
-  double m = key_mean[slot], v = key_var[slot];
-  for (int64_t j = i; j < num_groups && sorted_keys[j] == key; ++j) {
-    visit_key(n, m, v, static_cast<double>(group_mean[sorted_groups[j]]), key_alpha);
+  apply_key_run(i, num_groups, sorted_keys, sorted_groups, group_mean, key_count, key_mean,
+                key_var, num_keys, key_stride, key_alpha);
+}
+
+// The whole keyed update in one block, for up to kBlockKeyUpdateGroups groups: chunk by chunk of
+// kHistoryThreads groups in group order, the chunk's (key, group) pairs (key K for a group that
+// visits none, as key_pairs_kernel gives them) are sorted in shared memory with CUB's block radix
+// sort, stable like the device-wide one, so each key's groups in the chunk form one run in group
+// order; the runs are applied before the next chunk, so a key's visits across chunks keep group
+// order too. Then the block updates the global history.
+template <typename acc_t>
+__global__ void __launch_bounds__(kHistoryThreads)
+    keyed_update_block_kernel(const acc_t* __restrict__ group_mean,
+                              const int64_t* __restrict__ keys, int64_t num_groups,
+                              int64_t* key_count, double* key_mean, double* key_var,
+                              int64_t num_keys, int64_t key_stride, double key_alpha,
+                              int key_bits, double* ring, int64_t window, int64_t* count,
+                              double* ema, double* var, double alpha, int64_t min_history) {
+  // Radix digits of 3 bits rather than CUB's default 4: the ranking counters then take 20 KB of
+  // shared memory instead of 36, which with the chunk's pairs and the global update's storage
+  // stays under the 48 KB a kernel may declare statically.
+  using PairSort = cub::BlockRadixSort<uint64_t, kHistoryThreads, 1, int32_t, 3>;
+  __shared__ typename PairSort::TempStorage sort_storage;
+  __shared__ uint64_t chunk_keys[kHistoryThreads];
+  __shared__ int32_t chunk_groups[kHistoryThreads];
+  const int tid = threadIdx.x;
+  for (int64_t first = 0; first < num_groups; first += kHistoryThreads) {
+    const int64_t g = first + tid;
+    uint64_t key[1] = {static_cast<uint64_t>(num_keys)};
+    int32_t group[1] = {static_cast<int32_t>(g)};
+    if (g < num_groups && key_in_range(keys[g], num_keys) && is_finite(group_mean[g])) {
+      key[0] = static_cast<uint64_t>(keys[g]);
+    }
+    PairSort(sort_storage).Sort(key, group, 0, key_bits);
+    chunk_keys[tid] = key[0];
+    chunk_groups[tid] = group[0];
+    __syncthreads();
+    apply_key_run(tid, kHistoryThreads, chunk_keys, chunk_groups, group_mean, key_count,
+                  key_mean, key_var, num_keys, key_stride, key_alpha);
+    // The chunk's writes to the tables are visible to the whole block from here, and the shared
+    // arrays and the sort's storage are free again.
+    __syncthreads();
   }
-  key_count[slot] = n;
-  key_mean[slot] = m;
-  key_var[slot] = v;
+  update_global_history(group_mean, num_groups, ring, window, count, ema, var, alpha,
+                        min_history);
 }
 
 // The scratch of the keyed update, as byte offsets into one allocation: the pairs before and
@@ -443,30 +507,27 @@ void launch_over_groups(const GroupArgs& args, cudaStream_t stream, KernelFor&& 
 
 }  // namespace
 
-void launch_keyed_history(const int64_t* keys, int64_t num_groups, const int64_t* key_count,
-                          const double* key_mean, const double* key_var, int64_t num_keys,
-                          int64_t key_stride, const double* hist_mean, const double* hist_var,
-                          int64_t key_min_history, double* group_hist_mean,
-                          double* group_hist_var, cudaStream_t stream) {
+void launch_keyed_history(const int64_t* keys, int64_t num_groups, const KeyTableView& tables,
+                          const double* hist_mean, const double* hist_var,
+                          double* group_hist_mean, double* group_hist_var, cudaStream_t stream) {
   if (num_groups == 0) return;
   const auto blocks = static_cast<unsigned>((num_groups + kThreads - 1) / kThreads);
-  keyed_history_kernel<<<blocks, kThreads, 0, stream>>>(keys, num_groups, key_count, key_mean,
-                                                        key_var, num_keys, key_stride,
-                                                        hist_mean, hist_var,
-                                                        key_min_history, group_hist_mean,
+  keyed_history_kernel<<<blocks, kThreads, 0, stream>>>(keys, num_groups, tables, hist_mean,
+                                                        hist_var, group_hist_mean,
                                                         group_hist_var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 size_t keyed_update_scratch_bytes(int64_t num_groups, int64_t num_keys) {
-  if (num_groups == 0) return 0;
+  if (num_groups <= kBlockKeyUpdateGroups) return 0;
   const ScratchLayout l = scratch_layout(num_groups, num_keys);
   return l.temp + l.temp_bytes;
 }
 
-// Launches: key_pairs_kernel, CUB's radix sort (its own kernels: one or a few passes, depending
-// on the number of groups and of key bits) and keyed_update_kernel, which also updates the global
-// history. All on `stream`, none synchronises with the host, so a CUDA graph can capture them.
+// Up to kBlockKeyUpdateGroups groups one launch, keyed_update_block_kernel. Above, key_pairs_kernel,
+// CUB's device-wide radix sort (its own kernels: one or a few passes, depending on the number of
+// groups and of key bits) and keyed_update_kernel, which also updates the global history. All on
+// `stream`, none synchronises with the host, so a CUDA graph can capture them.
 template <typename acc_t>
 void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, int64_t num_groups,
                                  int64_t* key_count, double* key_mean, double* key_var,
@@ -475,6 +536,13 @@ void launch_update_keyed_history(const acc_t* group_mean, const int64_t* keys, i
                                  double* ema, double* var, double alpha, int64_t min_history,
                                  cudaStream_t stream) {
   if (num_groups == 0) return;
+  if (num_groups <= kBlockKeyUpdateGroups) {
+    keyed_update_block_kernel<acc_t><<<1, kHistoryThreads, 0, stream>>>(
+        group_mean, keys, num_groups, key_count, key_mean, key_var, num_keys, key_stride,
+        key_alpha, sort_bits(num_keys), ring, window, count, ema, var, alpha, min_history);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   ScratchLayout l = scratch_layout(num_groups, num_keys);
   uint64_t* keys_in = at_offset<uint64_t>(scratch, l.keys_in);
   uint64_t* keys_out = at_offset<uint64_t>(scratch, l.keys_out);

@@ -784,6 +784,50 @@ def test_cuda_keyed_step_matches_cpu():
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("num_groups", (1, 1023, 1025, 8192, 8193, 20000))
+def test_cuda_keyed_update_matches_cpu_bitwise_on_both_paths(num_groups):
+    """Up to 8192 groups the keyed update is one block sorting 1024 groups at a time, above it a
+    device-wide sort: either way a key's visits apply in group order, within and across chunks,
+    and give the CPU's tables bit for bit."""
+    cpu_est = bv_blend_ext.BVBlend(num_keys=37, **KEYED)
+    gpu_est = bv_blend_ext.BVBlend(num_keys=37, **KEYED).cuda()
+    gen = torch.Generator().manual_seed(num_groups)
+    for _ in range(2):
+        means = torch.randn(num_groups, generator=gen, dtype=torch.float64)
+        means[1::13] = NAN
+        keys = torch.randint(-2, 39, (num_groups,), generator=gen)  # duplicates, some outside
+        for est, device in ((cpu_est, "cpu"), (gpu_est, "cuda")):
+            OPS.update_keyed_history(means.to(device), keys.to(device), est.key_count,
+                                     est.key_mean, est.key_var, est.key_alpha, est.ring,
+                                     est.count, est.ema, est.var, est.alpha, est.min_history)
+    for name in ("key_count", "key_mean", "key_var", "ring", "count"):
+        assert torch.equal(bits(getattr(cpu_est, name)), bits(getattr(gpu_est, name).cpu())), name
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_keyed_step_is_two_launches():
+    """The keyed step of the estimator on CUDA at 1024 groups (validate=False, as in a captured
+    graph): the forward, which gathers each group's history from its key, and the one-block
+    update of the keys and the global history."""
+    profiler = pytest.importorskip("torch.profiler")
+    est = bv_blend_ext.BVBlend(num_keys=10_000, **KEYED).cuda()
+    calls = [(r.cuda(), k.cuda()) for r, k in cuda_keyed_calls(num_calls=3, num_groups=1024,
+                                                                num_keys=10_000)]
+    est(calls[0][0], group_size=8, keys=calls[0][1], validate=False)
+    torch.cuda.synchronize()
+    with profiler.profile(activities=[profiler.ProfilerActivity.CUDA]) as prof:
+        for rewards, keys in calls[1:]:
+            est(rewards, group_size=8, keys=keys, validate=False)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    assert len(kernels) == 2 * (len(calls) - 1), kernels
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_keyed_step_op_is_the_two_ops_and_validates():
     """keyed_step on CUDA: the forward and update launches of the two ops, bit for bit, and with
     validate the checks of the values (one transfer) before any state changes."""
