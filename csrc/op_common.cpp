@@ -176,6 +176,26 @@ void check_history_state(const at::Tensor& ring, const at::Tensor& count, const 
   TORCH_CHECK_VALUE(min_history >= 0, "min_history must be >= 0, got ", as_text(min_history));
 }
 
+namespace {
+
+// Whether two tables of 8-byte entries, `stride` entries apart, share a byte: entry i of `a` and
+// entry k of `b` meet when their addresses differ by less than 8, and the difference
+// d - (k - i)·8·stride is smallest for the multiples of 8·stride next to d = a - b.
+bool tables_overlap(const at::Tensor& a, const at::Tensor& b, int64_t stride) {
+  const int64_t num_keys = a.numel();
+  const int64_t step = 8 * stride;
+  const int64_t d = reinterpret_cast<intptr_t>(a.const_data_ptr()) -
+                    reinterpret_cast<intptr_t>(b.const_data_ptr());
+  const int64_t below = d >= 0 ? d / step : -((-d + step - 1) / step);
+  for (const int64_t apart : {below, below + 1}) {
+    const int64_t gap = d - apart * step;
+    if (apart > -num_keys && apart < num_keys && gap > -8 && gap < 8) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                       const at::Tensor& key_mean, const at::Tensor& key_var) {
   TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong, "keys must be int64, got ", keys.scalar_type());
@@ -204,6 +224,13 @@ void check_key_tables(const at::Tensor& keys, const at::Tensor& key_count,
                     "tables, or the columns of one record per key), got strides ",
                     as_text(key_count.stride(0)), ", ", as_text(key_mean.stride(0)), ", ",
                     as_text(key_var.stride(0)));
+  // Tables that share a word would make two keys' updates write it (on CUDA, from two threads).
+  const bool overlapping = tables_overlap(key_count, key_mean, stride) ||
+                           tables_overlap(key_count, key_var, stride) ||
+                           tables_overlap(key_mean, key_var, stride);
+  TORCH_CHECK_VALUE(!overlapping,
+                    "key_count, key_mean and key_var must not overlap: each key's three entries "
+                    "need memory of their own");
 }
 
 int64_t key_table_stride(const at::Tensor& table) {

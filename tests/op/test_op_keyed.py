@@ -601,10 +601,17 @@ def test_keyed_ops_take_tables_of_any_shared_stride():
         OPS.keyed_history(keys, *strided[:3], *history, 2),
         OPS.keyed_history(keys, *apart[:3], *history, 2)))
     count, mean, var = key_tables()
+    pairs = torch.zeros(6, 2, dtype=torch.int64)  # stride 2: the variances on the next counts
     for tables in ((strided[0], mean, var), (count, mean, torch.zeros(1, dtype=torch.float64)
-                                             .expand(5))):
+                                             .expand(5)),
+                   (count, mean, mean),
+                   (pairs[:5, 0], pairs[:5, 1].view(torch.float64),
+                    pairs[1:, 0].view(torch.float64))):
         with raises_naming("key_count|key_mean|key_var", ValueError):
             OPS.keyed_history(keys, *tables, *history, 2)
+    interleaved = torch.zeros(5, 3, dtype=torch.int64)  # no word shared: accepted
+    OPS.keyed_history(keys, interleaved[:, 0], interleaved[:, 1].view(torch.float64),
+                      interleaved[:, 2].view(torch.float64), *history, 2)
 
 
 KEYED_STEP_BAD = {
